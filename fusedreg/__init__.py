@@ -1,0 +1,13 @@
+"""fusedreg: fused regularization kernels for PyTorch (dropout, AdamW, global-norm clipping,
+BatchNorm), each in C++/CUDA, Triton and C++ CPU, with an eager PyTorch reference.
+
+Importing builds nothing: the C++/CUDA libraries are JIT-built on first use (see fusedreg._build).
+"""
+from . import _library  # noqa: F401  (defines the torch.ops.fusedreg schemas)
+from . import backends
+from ._backend import set_backend, use_backend
+from ._build import BuildError
+
+__version__ = "0.1.0"
+
+__all__ = ["backends", "set_backend", "use_backend", "BuildError", "__version__"]

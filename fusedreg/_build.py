@@ -1,0 +1,496 @@
+"""JIT build of the two C++ libraries in csrc/ and their loading.
+
+fusedreg_cpu  = csrc/*.cpp  (C++ only: CPU kernels + TORCH_LIBRARY_IMPL(fusedreg, CPU))
+fusedreg_cuda = csrc/*.cu   (C++/CUDA: CUDA kernels + TORCH_LIBRARY_IMPL(fusedreg, CUDA))
+
+Both are shared libraries without a Python module: loading one runs its static operator
+registrations (the schemas themselves live in fusedreg/_library.py). Nothing here runs at
+`import fusedreg`; a library is built the first time a backend needs it.
+
+Robustness rules (each one answers a failure seen in practice with JIT extensions):
+- The cache directory is keyed by torch, CUDA and Python versions: an upgraded torch never loads a
+  library built against another ABI.
+- A stamp file records a digest of every source, header and flag. A matching stamp means the
+  library was built completely from these sources and is loaded directly; no stamp means the last
+  build may have been killed midway, so its directory is wiped before building again.
+- Builders serialize on an flock()ed lock file. The kernel drops the lock when its holder dies, so
+  a killed build never blocks the next one; a live but stuck holder makes waiters give up after
+  FUSEDREG_BUILD_LOCK_TIMEOUT seconds with a message naming the lock file.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import functools
+import glob
+import hashlib
+import os
+import shutil
+import site
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["BuildError", "load_library", "library_status", "unbuildable_reason", "build_ahead"]
+
+_PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+class BuildError(RuntimeError):
+    """A C++/CUDA library of fusedreg failed to build or load; `log_path` holds the full log."""
+
+    def __init__(self, message: str, log_path: str | os.PathLike | None = None):
+        self.log_path = None if log_path is None else str(log_path)
+        if self.log_path:
+            message = f"{message}\n  build log: {self.log_path}"
+        super().__init__(message)
+
+
+@dataclass(frozen=True)
+class _Spec:
+    kind: str          # "cpu" | "cuda"
+    name: str          # library (and build directory) name
+    suffix: str        # which csrc/ files belong to it
+    seconds_per_file: int  # rough single-core compile time, for the "this takes ~N" line
+
+
+_SPECS = {
+    "cpu": _Spec("cpu", "fusedreg_cpu", ".cpp", 25),
+    "cuda": _Spec("cuda", "fusedreg_cuda", ".cu", 75),
+}
+
+_lock = threading.Lock()
+_loaded: dict[str, Path] = {}
+_failed: dict[str, BuildError] = {}
+
+
+# ----------------------------------------------------------------------------- locations
+
+def csrc_dir() -> Path:
+    """csrc/ of a source checkout, or the copy an installed wheel carries as fusedreg/_csrc."""
+    for candidate in (_PACKAGE_DIR / "_csrc", _PACKAGE_DIR.parent / "csrc"):
+        if (candidate / "common").is_dir():
+            return candidate
+    raise BuildError(f"fusedreg's C++ sources are missing (looked in {_PACKAGE_DIR / '_csrc'} "
+                     f"and {_PACKAGE_DIR.parent / 'csrc'})")
+
+
+def version_key() -> str:
+    """Directory name that changes whenever the ABI the libraries are built against changes."""
+    import torch
+
+    cuda = torch.version.cuda or "none"
+    return f"torch-{torch.__version__}_cuda-{cuda}_py{sys.version_info[0]}{sys.version_info[1]}".replace("+", "-")
+
+
+def cache_root() -> Path:
+    env = os.environ.get("FUSEDREG_CACHE_DIR")
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(xdg) / "fusedreg"
+
+
+def _build_dir(spec: _Spec, root: Path | None = None) -> Path:
+    return (root or cache_root()) / version_key() / spec.name
+
+
+def _prebuilt_dir(spec: _Spec) -> Path:
+    return _PACKAGE_DIR / "_prebuilt" / version_key() / spec.name
+
+
+# ----------------------------------------------------------------------------- prerequisites
+
+def unbuildable_reason(kind: str) -> str | None:
+    """Why library `kind` cannot be built on this machine, or None when it can (or is prebuilt)."""
+    spec = _SPECS[kind]
+    if _stamp_matches(_prebuilt_dir(spec), spec):
+        return None
+    from torch.utils import cpp_extension
+
+    if not cpp_extension.is_ninja_available():
+        return "ninja is not installed (pip install ninja)"
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        return "no C++ compiler found (set CXX or install g++)"
+    if kind == "cuda":
+        import torch
+
+        if torch.version.cuda is None:
+            return f"this torch ({torch.__version__}) is a CPU-only build"
+        if _nvcc() is None:
+            return "no CUDA toolkit found (nvcc and include/cuda_runtime.h; set CUDA_HOME)"
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def cuda_home() -> str | None:
+    """The CUDA toolkit to build with: the one whose include/ has cuda_runtime.h.
+
+    torch guesses CUDA_HOME from `which nvcc`, which is wrong when nvcc is a wrapper script outside
+    the toolkit (e.g. /usr/local/bin/nvcc exec'ing /usr/local/cuda-13.0/bin/nvcc); nvcc's own
+    dry run names the directory it really lives in.
+    """
+    from torch.utils import cpp_extension
+
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), cpp_extension.CUDA_HOME]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(str(Path(nvcc).resolve().parent.parent))
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            out = subprocess.run([nvcc, "-dryrun", "-c", "-x", "cu", os.devnull], capture_output=True,
+                                 text=True, timeout=30).stderr
+            for line in out.splitlines():
+                if line.startswith("#$ _HERE_="):
+                    candidates.append(str(Path(line.split("=", 1)[1].strip()).parent))
+    import torch
+
+    candidates += [f"/usr/local/cuda-{torch.version.cuda}", "/usr/local/cuda"]
+    for home in candidates:
+        if home and os.path.isfile(os.path.join(home, "include", "cuda_runtime.h")) \
+                and os.path.exists(os.path.join(home, "bin", "nvcc")):
+            return home
+    return None
+
+
+def _nvcc() -> str | None:
+    home = cuda_home()
+    return os.path.join(home, "bin", "nvcc") if home else None
+
+
+def cuda_arch_list() -> str:
+    """TORCH_CUDA_ARCH_LIST to build for: the user's, else the visible GPUs', else Hopper (sm_90)."""
+    env = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    if env:
+        return env
+    import torch
+
+    if torch.cuda.is_available():
+        caps = sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
+        return ";".join(f"{major}.{minor}" for major, minor in caps)
+    return "9.0"
+
+
+def _nvidia_wheel_include_shim(build_dir: Path) -> Path | None:
+    """A directory of links to headers that pip's nvidia-* wheels carry and CUDA_HOME lacks.
+
+    ATen's CUDA headers include cublas/cusparse/... headers that a bare toolkit may not ship. Adding
+    the wheels' include directories wholesale would shadow the toolkit's own runtime headers with
+    another version's, so only the missing files are linked in.
+    """
+    home_include = Path(cuda_home() or "/nonexistent") / "include"
+    roots = [Path(p) / "nvidia" for p in site.getsitepackages() + [site.getusersitepackages()]]
+    shim = build_dir / "nvidia_include"
+    linked = 0
+    for root in roots:
+        for include in sorted(glob.glob(str(root / "*" / "include"))):
+            for entry in sorted(os.listdir(include)):
+                if (home_include / entry).exists() or (shim / entry).exists():
+                    continue
+                shim.mkdir(parents=True, exist_ok=True)
+                os.symlink(os.path.join(include, entry), shim / entry)
+                linked += 1
+    return shim if shim.is_dir() else None
+
+
+# ----------------------------------------------------------------------------- digest / stamp
+
+def _sources(spec: _Spec) -> list[Path]:
+    return sorted(p for p in csrc_dir().iterdir() if p.suffix == spec.suffix)
+
+
+def _flags(spec: _Spec) -> dict[str, list[str]]:
+    cflags = ["-O3", "-std=c++17"]
+    if spec.kind == "cpu":
+        cflags += ["-fopenmp"]
+        return {"cflags": cflags, "cuda_cflags": [], "ldflags": ["-fopenmp"]}
+    cuda_cflags = ["-O3", "-std=c++17", "-lineinfo", "--expt-relaxed-constexpr",
+                   "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
+                   "-U__CUDA_NO_BFLOAT16_CONVERSIONS__"]
+    return {"cflags": cflags, "cuda_cflags": cuda_cflags, "ldflags": []}
+
+
+def _digest(spec: _Spec) -> str:
+    h = hashlib.sha256()
+    root = csrc_dir()
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in {".h", ".cuh", ".cpp", ".cu"}):
+        h.update(str(path.relative_to(root)).encode())
+        h.update(path.read_bytes())
+    h.update(repr((spec, _flags(spec), version_key())).encode())
+    if spec.kind == "cuda":
+        h.update(cuda_arch_list().encode())
+    return h.hexdigest()
+
+
+def _stamp_path(build_dir: Path, spec: _Spec) -> Path:
+    return build_dir / f"{spec.name}.stamp"
+
+
+def _library_file(build_dir: Path, spec: _Spec) -> Path:
+    return build_dir / f"{spec.name}.so"
+
+
+def _stamp_matches(build_dir: Path, spec: _Spec) -> bool:
+    stamp = _stamp_path(build_dir, spec)
+    try:
+        return (stamp.read_text().strip() == _digest(spec)
+                and _library_file(build_dir, spec).is_file())
+    except (OSError, BuildError):
+        return False
+
+
+# ----------------------------------------------------------------------------- lock
+
+@contextlib.contextmanager
+def _exclusive(lock_path: Path, what: str):
+    timeout = float(os.environ.get("FUSEDREG_BUILD_LOCK_TIMEOUT", "1800"))
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a+") as f:
+        start = time.monotonic()
+        told = False
+        while True:
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                waited = time.monotonic() - start
+                if waited > timeout:
+                    raise BuildError(
+                        f"gave up after {timeout:.0f} s waiting for another process building {what}; "
+                        f"it holds the lock file {lock_path}. If no such process is alive, delete "
+                        f"that file (or raise FUSEDREG_BUILD_LOCK_TIMEOUT)") from None
+                if not told and waited > 2:
+                    print(f"fusedreg: waiting for another process building {what} (lock {lock_path})",
+                          file=sys.stderr, flush=True)
+                    told = True
+                time.sleep(0.2)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+# ----------------------------------------------------------------------------- build
+
+@contextlib.contextmanager
+def _stdout_to(log_path: Path, echo_progress: bool):
+    """Send fd 1 (where ninja writes) to the log; optionally echo ninja's [k/n] lines."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    log = open(log_path, "w")
+    os.dup2(log.fileno(), 1)
+    stop = threading.Event()
+
+    def echo():
+        with open(log_path) as reader:
+            while True:
+                line = reader.readline()
+                if line:
+                    if line.startswith("["):
+                        os.write(saved, f"  {line.split(' ', 1)[0]} {_short(line)}\n".encode())
+                elif stop.is_set():
+                    return
+                else:
+                    time.sleep(0.2)
+
+    thread = threading.Thread(target=echo, daemon=True) if echo_progress else None
+    if thread:
+        thread.start()
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        stop.set()
+        if thread:
+            thread.join(timeout=5)
+        os.close(saved)
+        log.close()
+
+
+def _short(ninja_line: str) -> str:
+    """'[2/5] /usr/bin/nvcc ... -c /x/csrc/dropout.cu -o dropout.cuda.o' -> 'dropout.cu'."""
+    words = ninja_line.split()
+    if "-c" in words and words.index("-c") + 1 < len(words):
+        return os.path.basename(words[words.index("-c") + 1])
+    return "linking" if " -shared " in ninja_line else words[-1] if words else ""
+
+
+def _compile(spec: _Spec, build_dir: Path, verbose: bool) -> Path:
+    """Run torch's ninja-based JIT build into build_dir and return the library path."""
+    from torch.utils import cpp_extension
+
+    sources = _sources(spec)
+    if not sources:
+        raise BuildError(f"no {spec.suffix} sources in {csrc_dir()}")
+    flags = _flags(spec)
+    include_paths = [str(csrc_dir())]
+    env_backup = {k: os.environ.get(k) for k in ("TORCH_CUDA_ARCH_LIST", "MAX_JOBS")}
+    torch_cuda_home = cpp_extension.CUDA_HOME
+    if spec.kind == "cuda":
+        cpp_extension.CUDA_HOME = cuda_home()  # torch reads this global for includes, nvcc, -lcudart
+        shim = _nvidia_wheel_include_shim(build_dir)
+        if shim is not None:
+            include_paths.append(str(shim))
+        os.environ["TORCH_CUDA_ARCH_LIST"] = cuda_arch_list()
+    os.environ["MAX_JOBS"] = str(_max_jobs())
+    # A lock file left by torch's own (older, existence-based) build lock would block forever; we
+    # hold our own lock here, so any such file is stale.
+    with contextlib.suppress(FileNotFoundError):
+        (build_dir / "lock").unlink()
+    log_path = build_dir / "build.log"
+    try:
+        with _stdout_to(log_path, echo_progress=verbose):
+            built = cpp_extension.load(
+                name=spec.name,
+                sources=[str(s) for s in sources],
+                extra_cflags=flags["cflags"],
+                extra_cuda_cflags=flags["cuda_cflags"] or None,
+                extra_ldflags=flags["ldflags"],
+                extra_include_paths=include_paths,
+                build_directory=str(build_dir),
+                with_cuda=spec.kind == "cuda",
+                is_python_module=False,
+                verbose=True,
+            )
+    except Exception as exc:  # ninja, compiler and loader failures all end here
+        with open(log_path, "a") as log:
+            log.write(f"\n{type(exc).__name__}: {exc}\n")
+        raise BuildError(f"building {spec.name} failed: {_first_error(log_path) or exc}", log_path) from exc
+    finally:
+        cpp_extension.CUDA_HOME = torch_cuda_home
+        for key, value in env_backup.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    return Path(built)
+
+
+def _first_error(log_path: Path) -> str | None:
+    with contextlib.suppress(OSError):
+        for line in log_path.read_text(errors="replace").splitlines():
+            if "error" in line.lower() and len(line) < 400:
+                return line.strip()
+    return None
+
+
+def _max_jobs() -> int:
+    """Parallel compile jobs: MAX_JOBS if set, else one per core, but no more than memory allows
+    (an nvcc job of a torch extension can take ~2 GiB)."""
+    env = os.environ.get("MAX_JOBS")
+    if env and env.isdigit():
+        return max(1, int(env))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError):
+        mem_gib = 8.0
+    return max(1, min(cores, int(mem_gib // 2)))
+
+
+def _estimate(spec: _Spec) -> str:
+    files = len(_sources(spec))
+    seconds = spec.seconds_per_file * -(-files // _max_jobs())
+    return f"about {max(1, round(seconds / 60))} min" if seconds >= 90 else f"about {seconds} s"
+
+
+def _build_into(spec: _Spec, build_dir: Path, verbose: bool) -> Path:
+    """Build (if the stamp does not match) under the lock; return the library file."""
+    with _exclusive(build_dir.parent / f"{spec.name}.lock", spec.name):
+        if _stamp_matches(build_dir, spec):
+            return _library_file(build_dir, spec)
+        stamp = _stamp_path(build_dir, spec)
+        if build_dir.exists() and not stamp.exists():
+            # No stamp: the previous build never finished (killed, crashed). Its objects may be
+            # truncated yet newer than their sources, so ninja would trust them: start clean.
+            shutil.rmtree(build_dir)
+        stamp.unlink(missing_ok=True)
+        build_dir.mkdir(parents=True, exist_ok=True)
+        print(f"fusedreg: building {spec.name} ({len(_sources(spec))} {spec.suffix} files, "
+              f"{_estimate(spec)} with {_max_jobs()} jobs; once per torch version) ...",
+              file=sys.stderr, flush=True)
+        start = time.monotonic()
+        built = _compile(spec, build_dir, verbose)
+        target = _library_file(build_dir, spec)
+        if built != target:  # torch names a rebuilt library <name>_v<k>.so; keep one stable path
+            shutil.copyfile(built, target)
+        stamp.write_text(_digest(spec))
+        print(f"fusedreg: built {spec.name} in {time.monotonic() - start:.0f} s -> {target}",
+              file=sys.stderr, flush=True)
+        return target
+
+
+def load_library(kind: str, verbose: bool = False) -> Path:
+    """Build if needed and load library `kind` ("cpu" | "cuda") into this process, once.
+
+    Returns the library's path. Raises BuildError (with the log path) when it cannot be built or
+    loaded; the failure is remembered so later calls fail fast with the same error.
+    """
+    if kind not in _SPECS:
+        raise ValueError(f"kind must be one of {sorted(_SPECS)}, got {kind!r}")
+    with _lock:
+        if kind in _loaded:
+            return _loaded[kind]
+        if kind in _failed:
+            raise _failed[kind]
+        spec = _SPECS[kind]
+        try:
+            reason = unbuildable_reason(kind)
+            if reason is not None:
+                raise BuildError(f"cannot build {spec.name}: {reason}")
+            prebuilt = _prebuilt_dir(spec)
+            if _stamp_matches(prebuilt, spec):
+                path = _library_file(prebuilt, spec)
+            else:
+                path = _build_into(spec, _build_dir(spec), verbose)
+            _load(path, spec)
+        except BuildError as exc:
+            _failed[kind] = exc
+            raise
+        _loaded[kind] = path
+        return path
+
+
+def _load(path: Path, spec: _Spec) -> None:
+    import torch
+
+    try:
+        torch.ops.load_library(str(path))
+    except OSError as exc:
+        raise BuildError(f"loading {path} failed: {exc}", path.parent / "build.log") from exc
+
+
+def library_status(kind: str) -> tuple[str, str]:
+    """("loaded" | "built" | "prebuilt" | "not built" | "failed" | "unavailable", detail)."""
+    spec = _SPECS[kind]
+    if kind in _loaded:
+        return "loaded", str(_loaded[kind])
+    if kind in _failed:
+        return "failed", str(_failed[kind])
+    reason = unbuildable_reason(kind)
+    if reason is not None:
+        return "unavailable", reason
+    if _stamp_matches(_prebuilt_dir(spec), spec):
+        return "prebuilt", str(_library_file(_prebuilt_dir(spec), spec))
+    if _stamp_matches(_build_dir(spec), spec):
+        return "built", str(_library_file(_build_dir(spec), spec))
+    return "not built", f"builds on first use ({_estimate(spec)}) into {_build_dir(spec)}"
+
+
+def build_ahead(root: Path, kinds=("cpu", "cuda"), verbose: bool = True) -> dict[str, str]:
+    """Build libraries into root/<version key>/<name>/ (setup.py's FUSEDREG_BUILD_EXT=1 path).
+
+    Returns kind -> library path, or the reason it was skipped.
+    """
+    result = {}
+    for kind in kinds:
+        spec = _SPECS[kind]
+        reason = unbuildable_reason(kind)
+        if reason is not None:
+            result[kind] = f"skipped: {reason}"
+            continue
+        result[kind] = str(_build_into(spec, _build_dir(spec, root), verbose))
+    return result

@@ -1,0 +1,1 @@
+"""fusedreg.bench"""
