@@ -146,21 +146,30 @@ _AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "referenc
 
 
 def select(device: torch.device | str, backend: str | None = None) -> str:
-    """The backend that runs an op on tensors of `device`, loading its library if needed."""
+    """The backend that runs an op on tensors of `device`, loading its library if needed.
+
+    Traceable by torch.compile: the choice (keyword, context, global, env) is read from plain
+    globals, which dynamo guards on; resolving it against what is available runs once at trace time.
+    """
     device = torch.device(device)
     name = _check_name(backend) if backend is not None else get_backend()
+    return _resolve(device.type, name)
+
+
+@torch.compiler.assume_constant_result
+def _resolve(device_type: str, name: str) -> str:
+    device = torch.device(device_type)
     if name != "auto":
         reason = _reason(name, device, load=True)
         if reason is not None:
             raise BackendUnavailable(f"fusedreg backend {name!r} is unavailable: {reason}")
         return name
-    order = _AUTO_ORDER.get(device.type, ("reference",))
-    for candidate in order:
+    for candidate in _AUTO_ORDER.get(device_type, ("reference",)):
         reason = _reason(candidate, device, load=True)
         if reason is None:
             return candidate
         if (candidate, reason) not in _warned:
             _warned.add((candidate, reason))
-            warnings.warn(f"fusedreg: backend {candidate!r} unavailable for {device.type} tensors "
-                          f"({reason}); falling back", RuntimeWarning, stacklevel=3)
+            warnings.warn(f"fusedreg: backend {candidate!r} unavailable for {device_type} tensors "
+                          f"({reason}); falling back", RuntimeWarning, stacklevel=4)
     return "reference"

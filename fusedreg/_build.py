@@ -70,8 +70,12 @@ _failed: dict[str, BuildError] = {}
 # ----------------------------------------------------------------------------- locations
 
 def csrc_dir() -> Path:
-    """csrc/ of a source checkout, or the copy an installed wheel carries as fusedreg/_csrc."""
-    for candidate in (_PACKAGE_DIR / "_csrc", _PACKAGE_DIR.parent / "csrc"):
+    """FUSEDREG_CSRC_DIR if set, else csrc/ of a source checkout, else the copy an installed wheel
+    carries as fusedreg/_csrc."""
+    env = os.environ.get("FUSEDREG_CSRC_DIR")
+    if env:
+        return Path(env).resolve()
+    for candidate in (_PACKAGE_DIR.parent / "csrc", _PACKAGE_DIR / "_csrc"):
         if (candidate / "common").is_dir():
             return candidate
     raise BuildError(f"fusedreg's C++ sources are missing (looked in {_PACKAGE_DIR / '_csrc'} "
@@ -104,12 +108,27 @@ def _prebuilt_dir(spec: _Spec) -> Path:
 
 # ----------------------------------------------------------------------------- prerequisites
 
+def _cpp_extension():
+    """torch.utils.cpp_extension, imported without its import-time warning about a missing CUDA
+    runtime (expected on machines without a GPU, and said better by `fusedreg env`)."""
+    import logging
+
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        from torch.utils import cpp_extension
+    finally:
+        logger.setLevel(level)
+    return cpp_extension
+
+
 def unbuildable_reason(kind: str) -> str | None:
     """Why library `kind` cannot be built on this machine, or None when it can (or is prebuilt)."""
     spec = _SPECS[kind]
     if _stamp_matches(_prebuilt_dir(spec), spec):
         return None
-    from torch.utils import cpp_extension
+    cpp_extension = _cpp_extension()
 
     if not cpp_extension.is_ninja_available():
         return "ninja is not installed (pip install ninja)"
@@ -133,7 +152,7 @@ def cuda_home() -> str | None:
     the toolkit (e.g. /usr/local/bin/nvcc exec'ing /usr/local/cuda-13.0/bin/nvcc); nvcc's own
     dry run names the directory it really lives in.
     """
-    from torch.utils import cpp_extension
+    cpp_extension = _cpp_extension()
 
     candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), cpp_extension.CUDA_HOME]
     nvcc = shutil.which("nvcc")
@@ -202,11 +221,12 @@ def _sources(spec: _Spec) -> list[Path]:
 
 
 def _flags(spec: _Spec) -> dict[str, list[str]]:
-    cflags = ["-O3", "-std=c++17"]
+    # No -std: torch's build adds the language standard its own headers need (C++17 or C++20).
+    cflags = ["-O3"]
     if spec.kind == "cpu":
         cflags += ["-fopenmp"]
         return {"cflags": cflags, "cuda_cflags": [], "ldflags": ["-fopenmp"]}
-    cuda_cflags = ["-O3", "-std=c++17", "-lineinfo", "--expt-relaxed-constexpr",
+    cuda_cflags = ["-O3", "-lineinfo", "--expt-relaxed-constexpr",
                    "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
                    "-U__CUDA_NO_BFLOAT16_CONVERSIONS__"]
     return {"cflags": cflags, "cuda_cflags": cuda_cflags, "ldflags": []}
@@ -320,7 +340,7 @@ def _short(ninja_line: str) -> str:
 
 def _compile(spec: _Spec, build_dir: Path, verbose: bool) -> Path:
     """Run torch's ninja-based JIT build into build_dir and return the library path."""
-    from torch.utils import cpp_extension
+    cpp_extension = _cpp_extension()
 
     sources = _sources(spec)
     if not sources:

@@ -34,7 +34,7 @@ def native_backends(device: str) -> list[str]:
     return names
 
 
-def test_device() -> str:
+def device_under_test() -> str:
     return "cuda" if HAS_CUDA else "cpu"
 
 
