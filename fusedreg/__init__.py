@@ -4,10 +4,12 @@ BatchNorm), each in C++/CUDA, Triton and C++ CPU, with an eager PyTorch referenc
 Importing builds nothing: the C++/CUDA libraries are JIT-built on first use (see fusedreg._build).
 """
 from . import _library  # noqa: F401  (defines the torch.ops.fusedreg schemas)
-from . import backends
+from . import backends, nn
 from ._backend import set_backend, use_backend
 from ._build import BuildError
+from .ops.dropout import DropoutFunction, dropout, dropout_add
 
 __version__ = "0.1.0"
 
-__all__ = ["backends", "set_backend", "use_backend", "BuildError", "__version__"]
+__all__ = ["backends", "nn", "set_backend", "use_backend", "BuildError", "DropoutFunction", "dropout",
+           "dropout_add", "__version__"]

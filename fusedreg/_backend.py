@@ -163,13 +163,26 @@ def _resolve(device_type: str, name: str) -> str:
         reason = _reason(name, device, load=True)
         if reason is not None:
             raise BackendUnavailable(f"fusedreg backend {name!r} is unavailable: {reason}")
-        return name
+        return _prepared(name)
     for candidate in _AUTO_ORDER.get(device_type, ("reference",)):
         reason = _reason(candidate, device, load=True)
         if reason is None:
-            return candidate
+            return _prepared(candidate)
         if (candidate, reason) not in _warned:
             _warned.add((candidate, reason))
             warnings.warn(f"fusedreg: backend {candidate!r} unavailable for {device_type} tensors "
                           f"({reason}); falling back", RuntimeWarning, stacklevel=4)
     return "reference"
+
+
+def _prepared(name: str) -> str:
+    """Register the Triton ops (importing triton) the first time the triton backend is chosen."""
+    if name == "triton":
+        import importlib
+        import pkgutil
+
+        from . import triton as kernels
+
+        for module in pkgutil.iter_modules(kernels.__path__):
+            importlib.import_module(f"{kernels.__name__}.{module.name}")
+    return name
