@@ -13,7 +13,7 @@ Conventions shared by every kernel behind these schemas:
   are contiguous otherwise: exactly what torch.empty_like gives.
 - Multi-tensor ops take lists that are non-empty and share one device and dtype (per list); the
   Python layer groups parameters before calling.
-- Per-tensor statistics and scalars computed on the device are float32.
+- Statistics and scalars computed on the device are float32, float64 when the data is float64.
 """
 from __future__ import annotations
 
@@ -30,24 +30,26 @@ SCHEMAS: dict[str, str] = {
     "dropout_bwd": "(Tensor grad, Tensor seed, float p) -> Tensor",
     # residual + dropout(input + bias); bias broadcasts over the last dimension
     "dropout_add_fwd": "(Tensor input, Tensor residual, Tensor? bias, Tensor seed, float p) -> Tensor",
-    # One AdamW step over a list of tensors of one device and dtype. hparams: float32 [n, 5] on that
-    # device, rows (lr, beta1, beta2, weight_decay, eps) per tensor; steps: per-tensor float32
+    # One AdamW step over a list of tensors of one device and dtype. hparams: float64 [n, 5] on that
+    # device, rows (lr, beta1, beta2, weight_decay, eps) per tensor (float64 so that 1 - beta2 and
+    # the bias corrections are as exact as torch's Python-float ones); steps: per-tensor float32
     # scalars already counting this step. grads are divided by grad_scale and multiplied by
     # clip_coef when given; a nonzero found_inf makes the step a no-op.
     "adamw_step_": ("(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
                     "Tensor(d!)[] max_exp_avg_sqs, Tensor[] steps, Tensor hparams, bool amsgrad, "
                     "bool maximize, Tensor? grad_scale, Tensor? found_inf, Tensor? clip_coef) -> ()"),
-    # sum(|x|^p) over all elements of all tensors (max |x| for p = inf), float32 scalar, computed
-    # in a fixed order so the same inputs give the bitwise same result
+    # sum(|x|^p) over all elements of all tensors (max |x| for p = inf), a float32 scalar (float64
+    # for float64 tensors), computed in a fixed order so the same inputs give the bitwise same result
     "grad_norm_pow": "(Tensor[] tensors, float norm_type) -> Tensor",
     # x *= scale for every tensor; scale is a float32 scalar tensor on the tensors' device
     "multi_tensor_scale_": "(Tensor(a!)[] tensors, Tensor scale) -> ()",
-    # returns (output, mean, invstd); mean/invstd are float32 [C]: batch statistics in training,
+    # returns (output, mean, invstd); mean/invstd are [C] in the statistics dtype (float32, float64
+    # for float64 input): batch statistics in training,
     # running statistics in eval. Running stats are updated in place in training when given.
     "batch_norm_fwd": ("(Tensor input, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, "
                        "Tensor(b!)? running_var, bool training, float momentum, float eps) "
                        "-> (Tensor, Tensor, Tensor)"),
-    # returns (grad_input, grad_weight, grad_bias); the last two float32 [C]
+    # returns (grad_input, grad_weight, grad_bias); the last two [C] in the statistics dtype
     "batch_norm_bwd": ("(Tensor grad_out, Tensor input, Tensor? weight, Tensor mean, Tensor invstd, "
                        "bool training) -> (Tensor, Tensor, Tensor)"),
     # Self-tests of csrc/common: Philox4x32-10 on int64 tensors holding uint32 words
@@ -64,8 +66,9 @@ def _channels(input: torch.Tensor) -> int:
     return input.shape[1] if input.dim() > 1 else input.shape[0]
 
 
-def _f32(like: torch.Tensor, *shape) -> torch.Tensor:
-    return like.new_empty(shape, dtype=torch.float32)
+def _stats(like: torch.Tensor, *shape) -> torch.Tensor:
+    """A statistics tensor: float32, or float64 for float64 data."""
+    return like.new_empty(shape, dtype=torch.float64 if like.dtype == torch.float64 else torch.float32)
 
 
 def _fake_dropout_fwd(input, seed, p):
@@ -90,7 +93,7 @@ def _fake_adamw_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, ste
 
 
 def _fake_grad_norm_pow(tensors, norm_type):
-    return _f32(tensors[0])
+    return _stats(tensors[0])
 
 
 def _fake_multi_tensor_scale_(tensors, scale):
@@ -99,12 +102,12 @@ def _fake_multi_tensor_scale_(tensors, scale):
 
 def _fake_batch_norm_fwd(input, weight, bias, running_mean, running_var, training, momentum, eps):
     c = _channels(input)
-    return torch.empty_like(input), _f32(input, c), _f32(input, c)
+    return torch.empty_like(input), _stats(input, c), _stats(input, c)
 
 
 def _fake_batch_norm_bwd(grad_out, input, weight, mean, invstd, training):
     c = _channels(input)
-    return torch.empty_like(input), _f32(input, c), _f32(input, c)
+    return torch.empty_like(input), _stats(input, c), _stats(input, c)
 
 
 def _fake_philox4x32(counter, key):
@@ -112,7 +115,7 @@ def _fake_philox4x32(counter, key):
 
 
 def _fake_multi_tensor_sumsq(tensors):
-    return _f32(tensors[0], len(tensors))
+    return tensors[0].new_empty((len(tensors),), dtype=torch.float32)
 
 
 FAKES = {name: globals()["_fake_" + name.lstrip("_")] for name in SCHEMAS}

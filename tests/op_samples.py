@@ -42,7 +42,7 @@ def adamw_step_(device, dtype):
     grads, m, v = (_tensor_lists(device, dtype) for _ in range(3))
     v = [t.abs() for t in v]
     steps = [torch.tensor(3.0, device=device) for _ in params]
-    hparams = torch.tensor([[1e-3, 0.9, 0.999, 1e-2, 1e-8]] * len(params), device=device)
+    hparams = torch.tensor([[1e-3, 0.9, 0.999, 1e-2, 1e-8]] * len(params), device=device, dtype=torch.float64)
     one = torch.ones(1, device=device)
     return [(params, grads, m, v, [], steps, hparams, False, False, None, None, None),
             (params, grads, m, v, [t.clone() for t in v], steps, hparams, True, True, one * 2,
