@@ -52,6 +52,18 @@ SCHEMAS: dict[str, str] = {
     # returns (grad_input, grad_weight, grad_bias); the last two [C] in the statistics dtype
     "batch_norm_bwd": ("(Tensor grad_out, Tensor input, Tensor? weight, Tensor mean, Tensor invstd, "
                        "bool training) -> (Tensor, Tensor, Tensor)"),
+    # The pieces of batch_norm_fwd/bwd, for SyncBatchNorm (statistics combined across processes
+    # between them) and eval (one elementwise pass). Statistics are [C] in the statistics dtype.
+    # (mean, biased variance) over every dim but 1:
+    "batch_norm_stats": "(Tensor input) -> (Tensor, Tensor)",
+    # (input - mean) * invstd * weight + bias, laid out as empty_like(input):
+    "batch_norm_elemt": "(Tensor input, Tensor? weight, Tensor? bias, Tensor mean, Tensor invstd) -> Tensor",
+    # (sum(grad_out), sum(grad_out * (input - mean))) per channel:
+    "batch_norm_bwd_reduce": "(Tensor grad_out, Tensor input, Tensor mean) -> (Tensor, Tensor)",
+    # (grad_out - mean_dy - (input - mean) * invstd**2 * mean_dy_xmu) * invstd * weight, where
+    # mean_dy / mean_dy_xmu are the (possibly all-reduced) sums above divided by the global count:
+    "batch_norm_bwd_elemt": ("(Tensor grad_out, Tensor input, Tensor? weight, Tensor mean, Tensor invstd, "
+                             "Tensor mean_dy, Tensor mean_dy_xmu) -> Tensor"),
     # Self-tests of csrc/common: Philox4x32-10 on int64 tensors holding uint32 words
     # (counter [n, 4], key [n, 2] -> [n, 4]) ...
     "_philox4x32": "(Tensor counter, Tensor key) -> Tensor",
@@ -108,6 +120,24 @@ def _fake_batch_norm_fwd(input, weight, bias, running_mean, running_var, trainin
 def _fake_batch_norm_bwd(grad_out, input, weight, mean, invstd, training):
     c = _channels(input)
     return torch.empty_like(input), _stats(input, c), _stats(input, c)
+
+
+def _fake_batch_norm_stats(input):
+    c = _channels(input)
+    return _stats(input, c), _stats(input, c)
+
+
+def _fake_batch_norm_elemt(input, weight, bias, mean, invstd):
+    return torch.empty_like(input)
+
+
+def _fake_batch_norm_bwd_reduce(grad_out, input, mean):
+    c = _channels(input)
+    return _stats(input, c), _stats(input, c)
+
+
+def _fake_batch_norm_bwd_elemt(grad_out, input, weight, mean, invstd, mean_dy, mean_dy_xmu):
+    return torch.empty_like(input)
 
 
 def _fake_philox4x32(counter, key):

@@ -74,6 +74,32 @@ def batch_norm_bwd(device, dtype):
             (torch.randn_like(x), x, None, mean, invstd, False)]
 
 
+def batch_norm_stats(device, dtype):
+    return [(_dense((4, 3, 5, 2), device, dtype),), (_dense((6, 5), device, dtype),)]
+
+
+def batch_norm_elemt(device, dtype):
+    c = 3
+    x = _dense((4, c, 5), device, dtype)
+    mean, invstd = torch.randn(c, device=device), torch.rand(c, device=device) + 0.5
+    return [(x, torch.randn(c, device=device), torch.randn(c, device=device), mean, invstd),
+            (x, None, None, mean, invstd)]
+
+
+def batch_norm_bwd_reduce(device, dtype):
+    x = _dense((4, 3, 5), device, dtype)
+    return [(torch.randn_like(x), x, torch.randn(3, device=device))]
+
+
+def batch_norm_bwd_elemt(device, dtype):
+    c = 3
+    x = _dense((4, c, 5), device, dtype)
+    stats = [torch.randn(c, device=device) for _ in range(4)]
+    stats[1] = stats[1].abs() + 0.5
+    return [(torch.randn_like(x), x, torch.randn(c, device=device), *stats),
+            (torch.randn_like(x), x, None, *stats)]
+
+
 def _philox4x32(device, dtype):
     g = torch.Generator().manual_seed(0)
     counter = torch.randint(0, 2**32, (9, 4), generator=g, dtype=torch.int64).to(device)
@@ -87,4 +113,5 @@ def _multi_tensor_sumsq(device, dtype):
 
 SAMPLES = {name: globals()[name] for name in (
     "dropout_fwd", "dropout_fwd_", "dropout_bwd", "dropout_add_fwd", "adamw_step_", "grad_norm_pow",
-    "multi_tensor_scale_", "batch_norm_fwd", "batch_norm_bwd", "_philox4x32", "_multi_tensor_sumsq")}
+    "multi_tensor_scale_", "batch_norm_fwd", "batch_norm_bwd", "batch_norm_stats", "batch_norm_elemt",
+    "batch_norm_bwd_reduce", "batch_norm_bwd_elemt", "_philox4x32", "_multi_tensor_sumsq")}
