@@ -1,0 +1,4 @@
+"""`python -m fusedreg env | build | bench`."""
+from .cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,165 @@
+"""How one callable is timed, and its peak memory.
+
+CUDA: triton.testing.do_bench when importable (it flushes L2 before every repetition, so small
+sizes are not timed out of cache), else CUDA events with the same L2 flush. CPU: perf_counter
+around batches of calls, as many as a time budget allows, so a quick run of every case on a small
+machine stays well under a minute. All report the median and the 20th/80th percentiles in ms.
+"""
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+__all__ = ["Measurement", "Timer", "make_timer", "peak_memory_bytes"]
+
+
+@dataclass(frozen=True)
+class Measurement:
+    median_ms: float
+    q20_ms: float
+    q80_ms: float
+    reps: int | None = None
+
+
+def _quantiles(samples_ms: list[float]) -> Measurement:
+    ordered = sorted(samples_ms)
+
+    def at(q: float) -> float:
+        return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
+
+    return Measurement(statistics.median(ordered), at(0.2), at(0.8), len(ordered))
+
+
+class Timer:
+    """time(fn) -> Measurement on one device; `graph(fn)` times CUDA-graph replays of fn."""
+
+    name = "timer"
+
+    def time(self, fn: Callable[[], Any]) -> Measurement:
+        raise NotImplementedError
+
+    def graph(self, fn: Callable[[], Any]) -> Measurement:
+        raise NotImplementedError("CUDA graphs exist only on CUDA devices")
+
+
+class CpuTimer(Timer):
+    name = "time.perf_counter"
+
+    def __init__(self, budget_s: float, min_samples: int, max_samples: int = 200):
+        self.budget_s = budget_s
+        self.min_samples = min_samples
+        self.max_samples = max_samples
+
+    def time(self, fn):
+        fn()  # first call pays for lazy initialisation and allocator growth
+        start = time.perf_counter()
+        fn()
+        once = max(time.perf_counter() - start, 1e-7)
+        # Calls shorter than ~100 us are batched so perf_counter's own cost stays negligible.
+        inner = max(1, math.ceil(1e-4 / once))
+        samples = int(self.budget_s / (once * inner))
+        samples = min(self.max_samples, max(self.min_samples, samples))
+        times = [once * 1e3] if inner == 1 else []
+        deadline = time.perf_counter() + self.budget_s
+        while len(times) < samples:
+            start = time.perf_counter()
+            for _ in range(inner):
+                fn()
+            end = time.perf_counter()
+            times.append((end - start) / inner * 1e3)
+            # The first calls can be unrepresentatively fast (e.g. a core stolen on a shared VM
+            # stalls later parallel regions); the wall-clock budget holds regardless.
+            if end > deadline and len(times) >= self.min_samples:
+                break
+        return _quantiles(times)
+
+
+class _CudaTimerBase(Timer):
+    def __init__(self, quick: bool):
+        self.warmup_ms = 10 if quick else 25
+        self.rep_ms = 30 if quick else 100
+
+    def graph(self, fn):
+        """Capture one call of fn into a CUDA graph and time its replays (no launch overhead)."""
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm up outside capture, as torch.cuda.graphs requires
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        return self.time(graph.replay)
+
+
+class TritonTimer(_CudaTimerBase):
+    name = "triton.testing.do_bench"
+
+    def time(self, fn):
+        from triton.testing import do_bench
+
+        median, q20, q80 = do_bench(fn, warmup=self.warmup_ms, rep=self.rep_ms,
+                                    quantiles=[0.5, 0.2, 0.8])
+        return Measurement(median, q20, q80)
+
+
+class CudaEventTimer(_CudaTimerBase):
+    name = "cuda events"
+
+    def __init__(self, quick: bool):
+        super().__init__(quick)
+        self._flush = None
+
+    def time(self, fn):
+        if self._flush is None:  # larger than any L2 so far (H100: 50 MiB)
+            self._flush = torch.empty(256 * 2**20, dtype=torch.int8, device="cuda")
+        fn()
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(5):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        estimate = max(start.elapsed_time(end) / 5, 1e-3)
+        for _ in range(min(1000, max(1, int(self.warmup_ms / estimate)))):
+            fn()
+        reps = min(1000, max(10, int(self.rep_ms / estimate)))
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                  for _ in range(reps)]
+        for begin, finish in events:
+            self._flush.zero_()
+            begin.record()
+            fn()
+            finish.record()
+        torch.cuda.synchronize()
+        return _quantiles([begin.elapsed_time(finish) for begin, finish in events])
+
+
+def make_timer(device: str, quick: bool) -> Timer:
+    if device == "cpu":
+        return CpuTimer(budget_s=0.05, min_samples=3) if quick else CpuTimer(budget_s=0.5, min_samples=5)
+    try:
+        import triton.testing  # noqa: F401
+    except Exception:
+        return CudaEventTimer(quick)
+    return TritonTimer(quick)
+
+
+def peak_memory_bytes(fn: Callable[[], Any], device: str) -> int | None:
+    """Memory allocated on top of what was live before, at its peak during one call (CUDA only:
+    the caching allocator's statistics have no CPU counterpart)."""
+    if device != "cuda":
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - before

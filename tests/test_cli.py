@@ -1,0 +1,225 @@
+"""The command line: `python -m fusedreg env | build | bench` and the benchmark registry behind it."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fusedreg import _build, cli
+from fusedreg.backends import BACKENDS
+from fusedreg.bench import plot, registry
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args, env_extra=None, timeout=240):
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.update(env_extra or {})
+    return subprocess.run([sys.executable, "-m", "fusedreg", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_help_lists_commands():
+    proc = run_cli("--help")
+    assert proc.returncode == 0, proc.stderr
+    for command in ("env", "build", "bench"):
+        assert command in proc.stdout
+
+
+def test_env_names_every_backend_and_builds_nothing(tmp_path):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    proc = run_cli("env", env_extra={"FUSEDREG_CACHE_DIR": str(cache)})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    backend_lines = {line.split()[0]: line for line in proc.stdout.splitlines() if line.startswith("  ")}
+    for name in BACKENDS:
+        assert name in backend_lines, proc.stdout
+        assert "usable" in backend_lines[name] or "UNUSABLE" in backend_lines[name]
+    assert "torch" in proc.stdout and str(cache) in proc.stdout
+    assert list(cache.iterdir()) == [], "`fusedreg env` must not build or create anything"
+
+
+def test_bench_copy_quick_writes_json_and_png(tmp_path):
+    out_json, out_png = tmp_path / "res" / "b.json", tmp_path / "b.png"
+    proc = run_cli("bench", "copy", "--quick", "--device", "cpu", "--dtype", "float32",
+                   "--json", str(out_json), "--plot", str(out_png))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "torch copy_" in proc.stdout and "GB/s" in proc.stdout
+
+    doc = json.loads(out_json.read_text())
+    assert doc["device"] == "cpu"
+    for key in ("torch", "cpu", "python", "cpu_count"):
+        assert doc["machine"].get(key), key
+    assert "hostname" not in json.dumps(doc["machine"]).lower()
+    assert doc["copy_bandwidth"]["gbps"] > 0 and doc["copy_bandwidth"]["bytes"] >= 2**26
+    assert doc["results"] and {e["op"] for e in doc["results"]} == {"copy"}
+    assert {e["dtype"] for e in doc["results"]} == {"float32"}
+    for entry in doc["results"]:
+        subject = entry["impls"][entry["subject"]]
+        assert subject["ok"] and subject["gbps"] > 0 and subject["time_ms"] > 0
+        assert subject["time_ms_q20"] <= subject["time_ms"] <= subject["time_ms_q80"]
+        assert subject["pct_copy_bw"] == pytest.approx(100 * subject["gbps"] / doc["copy_bandwidth"]["gbps"])
+        assert subject["peak_memory_bytes"] is None  # no allocator statistics on CPU
+        clone = entry["impls"]["torch clone"]
+        assert entry["ratios"]["torch clone"] == pytest.approx(clone["time_ms"] / subject["time_ms"])
+    assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["bench", "--device", "tpu"], "invalid choice"),
+    (["bench", "--dtype", "float7"], "unknown dtype 'float7'"),
+    (["bench", "no_such_op", "--device", "cpu"], "unknown op 'no_such_op'"),
+    (["bench", "copy", "--device", "cpu", "--dtype", "float64"], "no benchmark case of copy"),
+    (["build", "--cuda", "--cpu"], "not allowed with"),
+    (["frobnicate"], "invalid choice"),
+    ([], "required"),
+])
+def test_bad_arguments_exit_nonzero_with_a_message(args, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(args)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bench_default_outputs_go_to_bench_out(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["bench", "copy", "--quick", "--device", "cpu", "--dtype", "bfloat16"]) == 0
+    assert json.loads((tmp_path / "bench-out" / "bench-cpu.json").read_text())["results"]
+    assert (tmp_path / "bench-out" / "bench-cpu.png").stat().st_size > 0
+
+
+def test_plot_without_matplotlib_is_a_note(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` fail
+    note = plot.write_png({"results": []}, tmp_path / "x.png")
+    assert "matplotlib" in note and not (tmp_path / "x.png").exists()
+
+
+# ----------------------------------------------------------------------------- build command
+
+@pytest.fixture
+def fake_build(monkeypatch):
+    """_build with kind -> unbuildable reason / build outcome chosen by the test; nothing compiles."""
+    state = {"reasons": {}, "fail": set(), "built": []}
+
+    def load_library(kind, verbose=False):
+        assert verbose, "`fusedreg build` must show progress"
+        if kind in state["fail"]:
+            raise _build.BuildError(f"building fusedreg_{kind} failed: boom", "/tmp/x/build.log")
+        state["built"].append(kind)
+        return Path(f"/tmp/fusedreg_{kind}.so")
+
+    monkeypatch.setattr(_build, "unbuildable_reason", lambda kind: state["reasons"].get(kind))
+    monkeypatch.setattr(_build, "library_status", lambda kind: ("not built", ""))
+    monkeypatch.setattr(_build, "load_library", load_library)
+    return state
+
+
+def test_build_skips_what_cannot_build_here(fake_build, capsys):
+    fake_build["reasons"]["cuda"] = "no CUDA toolkit found"
+    assert cli.main(["build"]) == 0
+    out = capsys.readouterr().out
+    assert fake_build["built"] == ["cpu"]
+    assert "fusedreg_cuda: skipped: no CUDA toolkit found" in out and "fusedreg_cpu: ok" in out
+
+
+def test_build_explicit_cuda_that_cannot_build_fails(fake_build, capsys):
+    fake_build["reasons"]["cuda"] = "no CUDA toolkit found"
+    assert cli.main(["build", "--cuda"]) == 1
+    assert "no CUDA toolkit found" in capsys.readouterr().err
+    assert fake_build["built"] == []
+
+
+def test_build_failure_exits_1_with_the_log_path(fake_build, capsys):
+    fake_build["fail"].add("cpu")
+    assert cli.main(["build"]) == 1
+    captured = capsys.readouterr()
+    assert "FAILED" in captured.err and "/tmp/x/build.log" in captured.err
+    assert fake_build["built"] == ["cuda"]  # one failure does not stop the other library
+
+
+# ----------------------------------------------------------------------------- registry
+
+def test_registry_tolerates_a_broken_op_module():
+    errors = registry.load_op_modules(["copy", "no_such_module"])
+    assert "no_such_module" in errors and "copy" not in errors
+    assert "copy" in registry.known_ops()
+
+
+def test_case_selects_impls_and_sizes_per_device_and_quick():
+    case = registry.Case(
+        op="t", name="c", make=lambda size, dtype, device: None, bytes_moved=lambda size, dtype: size,
+        impls={"subject": lambda x: (lambda: None),
+               "gpu only": registry.Impl(lambda x: (lambda: None), devices=("cuda",)),
+               "compiled": registry.Impl(lambda x: (lambda: None), quick=("cuda",))},
+        sizes={"cuda": [1, 2, 3], "cpu": [4, 5]}, quick_sizes=[9])
+    assert list(case.impls_for("cpu", quick=False)) == ["subject", "compiled"]
+    assert list(case.impls_for("cpu", quick=True)) == ["subject"]
+    assert list(case.impls_for("cuda", quick=True)) == ["subject", "gpu only", "compiled"]
+    assert case.sizes_for("cpu", quick=False) == [4, 5] and case.sizes_for("cuda", quick=True) == [9]
+    with pytest.raises(ValueError):
+        registry.Case(op="t", name="c", make=None, bytes_moved=None, impls={}, sizes=[1])
+
+
+def test_cuda_shaped_results_render(monkeypatch, tmp_path):
+    """The graph-replay and peak-memory paths, which only a GPU exercises for real, with a fake
+    timer: what lands in the JSON, the table and the plot."""
+    from fusedreg.bench import harness, report
+    from fusedreg.bench.timing import Measurement
+
+    class FakeTimer:
+        name = "fake"
+
+        def time(self, fn):
+            fn()
+            return Measurement(2.0, 1.5, 2.5)
+
+        def graph(self, fn):
+            if fn.__name__ == "uncapturable":
+                raise RuntimeError("operation not permitted when stream is capturing")
+            return Measurement(1.0, 0.9, 1.1)
+
+    def setup(name):
+        def make_fn(x):
+            def fn():
+                return x * 2
+            fn.__name__ = name
+            return fn
+        return make_fn
+
+    def broken(x):
+        raise RuntimeError("kernel exploded")
+
+    monkeypatch.setattr(registry, "_CASES", {})
+    registry.register(registry.Case(
+        op="fake", name="graph", make=lambda size, dtype, device: torch.ones(size),
+        bytes_moved=lambda size, dtype: 2e9 * size,  # 2 GB per unit: 1000 GB/s at 2 ms
+        impls={"subject": setup("capturable"), "baseline": setup("uncapturable"),
+               "broken": broken, "n/a here": registry.Impl(setup("x"), devices=("cpu",))},
+        sizes=[1, 2], dtypes=[torch.float32], devices=("cuda",), cuda_graph=True, measure_memory=True))
+    monkeypatch.setattr(harness, "make_timer", lambda device, quick: FakeTimer())
+    monkeypatch.setattr(harness, "copy_bandwidth", lambda device, timer, quick: {
+        "bytes": 2**30, "time_ms": 1.0, "time_ms_q20": 1.0, "time_ms_q80": 1.0, "gbps": 2000.0,
+        "method": "fake"})
+    monkeypatch.setattr(harness, "machine_info", lambda device: {
+        "device": device, "gpu": "Fake GPU", "torch": "x", "cuda": "13.0", "driver": "1"})
+    monkeypatch.setattr(harness, "peak_memory_bytes", lambda fn, device: 3 * 2**20)
+
+    doc = harness.run(["fake"], "cuda", quick=True, progress=lambda line: None)
+    entry = doc["results"][0]
+    assert list(entry["impls"]) == ["subject", "baseline", "broken"]
+    subject, baseline = entry["impls"]["subject"], entry["impls"]["baseline"]
+    assert subject["gbps"] == pytest.approx(1000) and subject["pct_copy_bw"] == pytest.approx(50)
+    assert subject["graph_time_ms"] == 1.0 and subject["peak_memory_bytes"] == 3 * 2**20
+    assert "capturing" in baseline["graph_error"] and baseline["ok"]
+    assert entry["ratios"] == {"baseline": pytest.approx(1.0), "broken": None}
+    assert harness.failures(doc) == [f"fake/graph float32 {n} broken: RuntimeError: kernel exploded"
+                                     for n in (1, 2)]
+
+    table = report.format_table(doc)
+    assert "graph replay" in table and "3.0 MiB" in table and "failed" in table
+    assert "ERROR RuntimeError: kernel exploded" in table and "Fake GPU" in table
+    assert plot.write_png(doc, tmp_path / "fake.png") is None
+    assert json.loads(json.dumps(doc)) == doc
