@@ -1,0 +1,157 @@
+"""AdamW benchmarks: one optimizer step, fusedreg.optim.AdamW against torch.optim.AdamW.
+
+Cases:
+  adamw/single  one large parameter (bandwidth: how close to the copy speed one tensor gets)
+  adamw/gpt2    the parameter list of a GPT-2 (124M on CUDA: 148 tensors from 50257x768 down to
+                768; a 4-layer, 256-wide one on CPU): launch-bound on the small tensors, so it is
+                also timed as CUDA-graph replays (every optimizer that can be captured is built
+                with capturable=True)
+
+Floor (DESIGN §5): read p, g, m, v and write p, m, v = 7 x itemsize bytes per parameter (28 B
+fp32), moments in the parameter's dtype as torch keeps them. torch's foreach AdamW moves ~80 B.
+Every implementation takes one step in setup, so state allocation is not timed; steps after that
+keep updating the same tensors (the values stay finite: Adam's update is bounded by lr).
+"""
+from __future__ import annotations
+
+import torch
+
+from ..optim import AdamW
+from .registry import Case, Impl, register
+
+LR = 1e-3
+
+
+def _floor_bytes(numel: int, dtype: torch.dtype) -> int:
+    return 7 * numel * dtype.itemsize
+
+
+def _parameters(inputs) -> list[torch.nn.Parameter]:
+    """Fresh parameters (each implementation mutates its own) sharing the read-only gradients."""
+    values, grads = inputs
+    params = []
+    for v, g in zip(values, grads):
+        p = torch.nn.Parameter(v.clone())
+        p.grad = g
+        params.append(p)
+    return params
+
+
+def _stepper(opt: torch.optim.Optimizer):
+    opt.step()  # creates the state
+    return opt.step
+
+
+def _fusedreg(backend: str, graphable: bool):
+    def setup(inputs):
+        params = _parameters(inputs)
+        capturable = graphable and params[0].is_cuda
+        return _stepper(AdamW(params, lr=LR, backend=backend, capturable=capturable))
+    return setup
+
+
+def _torch(graphable: bool = False, **kwargs):
+    def setup(inputs):
+        params = _parameters(inputs)
+        capturable = graphable and params[0].is_cuda
+        return _stepper(torch.optim.AdamW(params, lr=LR, capturable=capturable, **kwargs))
+    return setup
+
+
+def _torch_compiled(inputs):
+    opt = torch.optim.AdamW(_parameters(inputs), lr=LR, foreach=True)
+
+    @torch.compile(fullgraph=False)
+    def step():
+        opt.step()
+
+    step()
+    return step
+
+
+def _impls(graphable: bool) -> dict[str, Impl]:
+    """Implementations, subject first; `graphable` builds those that support it capturable."""
+    return {
+        "fusedreg[cuda]": Impl(_fusedreg("cuda", graphable), devices=("cuda",)),
+        "fusedreg[cpu]": Impl(_fusedreg("cpu", graphable), devices=("cpu",)),
+        "fusedreg[triton]": Impl(_fusedreg("triton", graphable), devices=("cuda",)),
+        "torch AdamW (default)": Impl(_torch()),
+        "torch AdamW(foreach=False)": Impl(_torch(foreach=False)),
+        "torch AdamW(fused=True)": Impl(_torch(graphable, fused=True)),
+        "torch.compile(AdamW.step)": Impl(_torch_compiled, devices=("cuda",), quick=False),
+        "reference (eager)": Impl(_fusedreg("reference", graphable), quick=False),
+    }
+
+
+# ----------------------------------------------------------------------------- one large parameter
+
+def _make_single(size: int, dtype: torch.dtype, device: str):
+    values = torch.randn(size, device=device).to(dtype)
+    return [values], [torch.randn(size, device=device).to(dtype) * 1e-2]
+
+
+register(Case(
+    op="adamw", name="single", make=_make_single,
+    bytes_moved=_floor_bytes,
+    impls=_impls(graphable=False),
+    sizes={"cuda": [2**24, 2**26, 2**28], "cpu": [2**16, 2**20, 2**22]},
+    quick_sizes={"cuda": [2**24, 2**26], "cpu": [2**16, 2**20]},
+    note="one parameter tensor; floor 7 x itemsize bytes/param (p, g, m, v read; p, m, v written)",
+))
+
+
+# ----------------------------------------------------------------------------- GPT-2 parameter list
+
+def gpt2_shapes(n_layer: int, width: int, vocab: int, context: int) -> list[tuple[int, ...]]:
+    """Parameter shapes of a GPT-2 (HF Conv1D layout, lm_head tied to wte): 2 + 12 * n_layer + 2."""
+    shapes: list[tuple[int, ...]] = [(vocab, width), (context, width)]
+    for _ in range(n_layer):
+        shapes += [(width,), (width,),                      # ln_1
+                   (width, 3 * width), (3 * width,),        # attn.c_attn
+                   (width, width), (width,),                # attn.c_proj
+                   (width,), (width,),                      # ln_2
+                   (width, 4 * width), (4 * width,),        # mlp.c_fc
+                   (4 * width, width), (width,)]            # mlp.c_proj
+    return shapes + [(width,), (width,)]                    # ln_f
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _gpt2_numel(size) -> int:
+    return sum(_numel(s) for s in gpt2_shapes(*size))
+
+
+def _gpt2_label(size) -> str:
+    n_layer, width, _, _ = size
+    shapes = gpt2_shapes(*size)
+    return f"GPT-2 L{n_layer} d{width}: {_gpt2_numel(size) / 1e6:.1f}M in {len(shapes)} tensors"
+
+
+def _make_gpt2(size, dtype: torch.dtype, device: str):
+    values, grads = [], []
+    for shape in gpt2_shapes(*size):
+        values.append((torch.randn(shape, device=device) * 0.02).to(dtype))
+        grads.append((torch.randn(shape, device=device) * 1e-3).to(dtype))
+    return values, grads
+
+
+GPT2_124M = (12, 768, 50257, 1024)
+GPT2_CPU = (4, 256, 8192, 256)
+GPT2_CPU_QUICK = (2, 128, 4096, 128)
+
+register(Case(
+    op="adamw", name="gpt2", make=_make_gpt2,
+    bytes_moved=lambda size, dtype: _floor_bytes(_gpt2_numel(size), dtype),
+    impls=_impls(graphable=True),
+    sizes={"cuda": [GPT2_124M], "cpu": [GPT2_CPU]},
+    quick_sizes={"cuda": [GPT2_124M], "cpu": [GPT2_CPU_QUICK]},
+    size_label=_gpt2_label,
+    cuda_graph=True,
+    note="GPT-2 parameter list, one step; floor 7 x itemsize bytes/param; "
+         "fusedreg and torch fused built capturable=True (CUDA-graph replays)",
+))
