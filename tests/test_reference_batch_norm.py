@@ -1,10 +1,12 @@
-"""fusedreg.reference.batch_norm against F.batch_norm, torch autograd, and float64 gradcheck."""
+"""fusedreg.reference.batch_norm against F.batch_norm, torch autograd, and float64 gradcheck; the
+SyncBatchNorm/eval pieces against torch and against fwd/bwd."""
 import pytest
 import torch
 import torch.nn.functional as F
 
 from conftest import TOLERANCES
-from fusedreg.reference.batch_norm import batch_norm_bwd, batch_norm_fwd
+from fusedreg.reference.batch_norm import (batch_norm_bwd, batch_norm_bwd_elemt, batch_norm_bwd_reduce,
+                                           batch_norm_elemt, batch_norm_fwd, batch_norm_stats)
 
 C = 3
 SHAPES = [(7, C), (5, C, 13), (3, C, 5, 7), (2, C, 3, 5, 3)]
@@ -271,3 +273,61 @@ def test_gradcheck_float64(shape, training):
     rm, rv = _running(torch.float64) if not training else (None, None)
     assert torch.autograd.gradcheck(
         lambda x, w, b: ReferenceBatchNorm.apply(x, w, b, rm, rv, training), (x, weight, bias))
+
+
+# ----------------------------------------------------------------------------- the pieces
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+def test_stats_are_mean_and_biased_variance(shape, dtype):
+    x = _input(shape, dtype)
+    mean, var = batch_norm_stats(x)
+    stats_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    assert mean.dtype == var.dtype == stats_dtype and mean.shape == var.shape == (C,)
+    dims = [0] + list(range(2, len(shape)))
+    var_t, mean_t = torch.var_mean(x.to(stats_dtype), dims, correction=0)
+    torch.testing.assert_close(mean, mean_t)
+    torch.testing.assert_close(var, var_t)
+
+
+def test_stats_of_an_empty_batch_are_zero():
+    mean, var = batch_norm_stats(torch.empty(0, C, 4))
+    assert torch.equal(mean, torch.zeros(C)) and torch.equal(var, torch.zeros(C))
+
+
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "no_affine"])
+@pytest.mark.parametrize("shape,memory_format", [((5, C, 13), torch.contiguous_format),
+                                                 ((3, C, 5, 7), torch.channels_last)],
+                         ids=["1d", "2d_channels_last"])
+def test_elemt_is_eval_forward(shape, memory_format, affine):
+    x = _input(shape, memory_format=memory_format)
+    weight, bias = _affine() if affine else (None, None)
+    rm, rv = _running()
+    out = batch_norm_elemt(x, weight, bias, rm, 1 / torch.sqrt(rv + EPS))
+    assert out.is_contiguous(memory_format=memory_format)
+    _assert_close(out, F.batch_norm(x, rm, rv, weight, bias, False, 0.1, EPS))
+
+
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "no_affine"])
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+def test_backward_pieces_compose_to_training_backward(shape, affine):
+    x, dy = _input(shape), _grad_out(shape)
+    weight, _ = _affine() if affine else (None, None)
+    _, mean, invstd = batch_norm_fwd(x, weight, None, None, None, True, 0.1, EPS)
+    sum_dy, sum_dy_xmu = batch_norm_bwd_reduce(dy, x, mean)
+    n = x.numel() // C
+    grad_input = batch_norm_bwd_elemt(dy, x, weight, mean, invstd, sum_dy / n, sum_dy_xmu / n)
+    expected_input, expected_weight, expected_bias = batch_norm_bwd(dy, x, weight, mean, invstd, True)
+    _assert_close(grad_input, expected_input)
+    _assert_close(sum_dy, expected_bias)
+    _assert_close(sum_dy_xmu * invstd, expected_weight)
+    torch_grads = _torch_grads(x, weight, None, None, None, True, dy)
+    _assert_close(grad_input, torch_grads[0])
+
+
+def test_float64_statistics_stay_float64():
+    x, dy = _input((5, C, 7), torch.float64), _grad_out((5, C, 7), torch.float64)
+    out, mean, invstd = batch_norm_fwd(x, None, None, None, None, True, 0.1, EPS)
+    grad_input, grad_weight, grad_bias = batch_norm_bwd(dy, x, None, mean, invstd, True)
+    assert {t.dtype for t in (out, mean, invstd, grad_input, grad_weight, grad_bias)} == {torch.float64}
+    assert all(t.dtype == torch.float64 for t in batch_norm_bwd_reduce(dy, x, mean))

@@ -1,4 +1,7 @@
-"""BatchNorm in eager PyTorch: the definition behind `fusedreg::batch_norm_fwd` / `batch_norm_bwd`.
+"""BatchNorm in eager PyTorch: the definition behind `fusedreg::batch_norm_fwd` / `batch_norm_bwd`
+and their pieces `batch_norm_stats`, `batch_norm_elemt`, `batch_norm_bwd_reduce`,
+`batch_norm_bwd_elemt` (SyncBatchNorm combines statistics across processes between them; eval is
+one `batch_norm_elemt` pass).
 
 Channels are dimension 1 of an (N, C, *) input; statistics reduce over every other dimension,
 n = numel / C values per channel.
@@ -19,19 +22,28 @@ Backward, with x_hat = (x - mean) * invstd, grad_bias = sum(dy), grad_weight = s
     training:  dx = weight * invstd * (dy - grad_bias / n - x_hat * grad_weight / n)
     eval:      dx = weight * invstd * dy          (the statistics are constants)
 
-Numerics: all arithmetic in float32 (float64 for float64 inputs); outputs rounded once to the
-input's dtype and laid out like torch.empty_like(input), so channels_last stays channels_last.
-mean, invstd, grad_weight and grad_bias are float32 [C] for every input dtype, as the schema fixes.
+Pieces, with sum_dy = sum(dy) and sum_dy_xmu = sum(dy * (x - mean)) (batch_norm_bwd_reduce):
+    batch_norm_stats      (mean, sum((x - mean)^2) / n)               biased variance
+    batch_norm_elemt      (x - mean) * invstd * weight + bias
+    batch_norm_bwd_elemt  (dy - mean_dy - (x - mean) * invstd^2 * mean_dy_xmu) * invstd * weight
+                          with mean_dy = sum_dy / n, mean_dy_xmu = sum_dy_xmu / n over the global n;
+    grad_bias = sum_dy and grad_weight = sum_dy_xmu * invstd, so fwd/bwd = the pieces on one process.
+
+Numerics: all arithmetic in the statistics dtype, float32 (float64 for float64 inputs); outputs
+rounded once to the input's dtype and laid out like torch.empty_like(input), so channels_last stays
+channels_last. Every [C] result (mean, invstd, variance, sums, grad_weight, grad_bias) is in the
+statistics dtype, as the schemas fix.
 A missing weight or bias acts as 1 or 0. The output is computed as (x - mean) * invstd * weight +
 bias rather than PyTorch's x * scale + shift, which loses less to cancellation when |mean| >> std.
 An empty batch in training leaves the running statistics as they are and reports
-mean = invstd = 0.
+mean = invstd = 0; batch_norm_stats of an empty batch is (0, 0).
 """
 from __future__ import annotations
 
 import torch
 
-__all__ = ["batch_norm_fwd", "batch_norm_bwd"]
+__all__ = ["batch_norm_fwd", "batch_norm_bwd", "batch_norm_stats", "batch_norm_elemt",
+           "batch_norm_bwd_reduce", "batch_norm_bwd_elemt"]
 
 
 def _compute_dtype(t: torch.Tensor) -> torch.dtype:
@@ -69,7 +81,7 @@ def batch_norm_fwd(input: torch.Tensor, weight: torch.Tensor | None, bias: torch
 
     if training and n == 0:
         # nothing to learn from: running stats stay, the (unused) statistics are reported as zeros
-        mean = invstd = x.new_zeros(input.shape[1])
+        mean, invstd = x.new_zeros(input.shape[1]), x.new_zeros(input.shape[1])
     elif training:
         if n == 1:
             raise ValueError("Expected more than 1 value per channel when training, "
@@ -94,14 +106,14 @@ def batch_norm_fwd(input: torch.Tensor, weight: torch.Tensor | None, bias: torch
         y = y * _per_channel(weight, x, dtype)
     if bias is not None:
         y = y + _per_channel(bias, x, dtype)
-    return _like_input(y, input), mean.float(), invstd.float()
+    return _like_input(y, input), mean, invstd
 
 
 @torch.no_grad()
 def batch_norm_bwd(grad_out: torch.Tensor, input: torch.Tensor, weight: torch.Tensor | None,
                    mean: torch.Tensor, invstd: torch.Tensor, training: bool
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns (grad_input, grad_weight, grad_bias); the last two float32 [C]."""
+    """Returns (grad_input, grad_weight, grad_bias); the last two [C] in the statistics dtype."""
     dims = _reduce_dims(input)
     dtype = _compute_dtype(input)
     x, dy = input.to(dtype), grad_out.to(dtype)
@@ -116,4 +128,63 @@ def batch_norm_bwd(grad_out: torch.Tensor, input: torch.Tensor, weight: torch.Te
     if training and n > 0:
         dy = (dy - _per_channel(grad_bias / n, x, dtype)
               - x_hat * _per_channel(grad_weight / n, x, dtype))
-    return _like_input(dy * scale, input), grad_weight.float(), grad_bias.float()
+    return _like_input(dy * scale, input), grad_weight, grad_bias
+
+
+def _count(input: torch.Tensor) -> int:
+    return input.numel() // input.shape[1] if input.shape[1] else 0
+
+
+@torch.no_grad()
+def batch_norm_stats(input: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (mean, biased variance), [C] in the statistics dtype; (0, 0) for an empty batch."""
+    dims = _reduce_dims(input)
+    dtype = _compute_dtype(input)
+    if _count(input) == 0:
+        zeros = input.new_zeros(input.shape[1], dtype=dtype)
+        return zeros, zeros.clone()
+    x = input.to(dtype)
+    mean = x.mean(dims)
+    var = (x - _per_channel(mean, x, dtype)).square().mean(dims)
+    return mean, var
+
+
+@torch.no_grad()
+def batch_norm_elemt(input: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                     mean: torch.Tensor, invstd: torch.Tensor) -> torch.Tensor:
+    """(input - mean) * invstd * weight + bias, laid out as empty_like(input)."""
+    _reduce_dims(input)
+    dtype = _compute_dtype(input)
+    x = input.to(dtype)
+    y = (x - _per_channel(mean, x, dtype)) * _per_channel(invstd, x, dtype)
+    if weight is not None:
+        y = y * _per_channel(weight, x, dtype)
+    if bias is not None:
+        y = y + _per_channel(bias, x, dtype)
+    return _like_input(y, input)
+
+
+@torch.no_grad()
+def batch_norm_bwd_reduce(grad_out: torch.Tensor, input: torch.Tensor, mean: torch.Tensor
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (sum(grad_out), sum(grad_out * (input - mean))), [C] in the statistics dtype."""
+    dims = _reduce_dims(input)
+    dtype = _compute_dtype(input)
+    x, dy = input.to(dtype), grad_out.to(dtype)
+    return dy.sum(dims), (dy * (x - _per_channel(mean, x, dtype))).sum(dims)
+
+
+@torch.no_grad()
+def batch_norm_bwd_elemt(grad_out: torch.Tensor, input: torch.Tensor, weight: torch.Tensor | None,
+                         mean: torch.Tensor, invstd: torch.Tensor, mean_dy: torch.Tensor,
+                         mean_dy_xmu: torch.Tensor) -> torch.Tensor:
+    """grad_input from the (possibly all-reduced) sums of batch_norm_bwd_reduce already divided by
+    the global count; laid out as empty_like(input)."""
+    _reduce_dims(input)
+    dtype = _compute_dtype(input)
+    x, dy = input.to(dtype), grad_out.to(dtype)
+    invstd_b = _per_channel(invstd, x, dtype)
+    dx = (dy - _per_channel(mean_dy, x, dtype)
+          - (x - _per_channel(mean, x, dtype)) * invstd_b.square() * _per_channel(mean_dy_xmu, x, dtype))
+    scale = invstd_b if weight is None else invstd_b * _per_channel(weight, x, dtype)
+    return _like_input(dx * scale, input)

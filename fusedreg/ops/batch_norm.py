@@ -1,0 +1,166 @@
+"""Fused BatchNorm: F.batch_norm's contract over the fusedreg::batch_norm_* kernels.
+
+Training forward is one fused op (statistics + normalize + affine + running-stat update in place);
+eval forward is one elementwise pass (batch_norm_elemt) with the statistics from the running
+buffers, whose [C]-sized preparation (cast, rsqrt) is negligible next to it. Backward is one fused
+op giving grad_input, grad_weight and grad_bias (only its reductions, batch_norm_bwd_reduce, when
+the input needs no gradient).
+
+Layout: kernels see an input that is non-overlapping and dense (a strided view is copied to
+contiguous first, as torch's own SyncBatchNorm does) and an incoming gradient with exactly the
+input's strides (copied into that layout when autograd hands over another one), so output and
+grad_input keep the input's memory format (channels_last stays channels_last) and a kernel only
+ever walks one layout per call.
+"""
+from __future__ import annotations
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from .. import _backend
+from ..reference import batch_norm as reference
+from ._dispatch import kernel
+
+__all__ = ["BatchNormFunction", "batch_norm"]
+
+
+def stats_dtype(input: torch.Tensor) -> torch.dtype:
+    """The dtype of every [C] statistic of `input`: float64 for float64 data, else float32."""
+    return torch.float64 if input.dtype == torch.float64 else torch.float32
+
+
+def _is_non_overlapping_and_dense(t: torch.Tensor) -> bool:
+    if t.numel() <= 1:
+        return True
+    expected = 1
+    for stride, size in sorted((st, s) for s, st in zip(t.shape, t.stride()) if s != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def dense(input: torch.Tensor) -> torch.Tensor:
+    """`input` itself when non-overlapping and dense (any dim order), else a contiguous copy."""
+    return input if _is_non_overlapping_and_dense(input) else input.contiguous()
+
+
+def _same_strides(a: torch.Tensor, b: torch.Tensor) -> bool:
+    # strides of size-1 dimensions are arbitrary and never change which element lives where
+    return a.shape == b.shape and all(sa == sb for n, sa, sb in zip(a.shape, a.stride(), b.stride())
+                                      if n != 1)
+
+
+def in_layout(grad: torch.Tensor, input: torch.Tensor) -> torch.Tensor:
+    """`grad` with the strides of the (dense) `input`: a copy only when autograd handed over
+    another layout (e.g. a contiguous grad for a channels_last output)."""
+    if _same_strides(grad, input):
+        return grad
+    return torch.empty_like(input, dtype=grad.dtype).copy_(grad)
+
+
+def eval_stats(running_mean: torch.Tensor, running_var: torch.Tensor, eps: float,
+               dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, invstd) in `dtype` from the running buffers, as batch_norm_fwd's eval branch."""
+    return running_mean.to(dtype), 1 / torch.sqrt(running_var.to(dtype) + eps)
+
+
+class BatchNormFunction(torch.autograd.Function):
+    """apply(input, weight, bias, running_mean, running_var, training, momentum, eps, backend).
+
+    input: (N, C, *); weight, bias, running_mean, running_var: [C] or None. training: normalize with
+    the batch statistics and, when the running buffers are given, update them in place with
+    `momentum` (a float: the caller turns momentum=None into 1 / num_batches_tracked); otherwise
+    normalize with the running buffers (both required). Returns the output, laid out like the
+    input. Differentiable in input, weight and bias; saves input, weight and the [C] statistics.
+    No argument checks here beyond the kernels' own: fusedreg.batch_norm makes F.batch_norm's.
+    """
+
+    @staticmethod
+    def forward(ctx, input, weight, bias, running_mean, running_var, training, momentum, eps,
+                backend=None):
+        backend = _backend.select(input.device, backend)
+        input = dense(input)
+        if training:
+            out, mean, invstd = kernel("batch_norm_fwd", backend, reference)(
+                input, weight, bias, running_mean, running_var, True, float(momentum), float(eps))
+        else:
+            if running_mean is None or running_var is None:
+                raise RuntimeError("running_mean and running_var must be defined in evaluation mode")
+            mean, invstd = eval_stats(running_mean, running_var, eps, stats_dtype(input))
+            out = kernel("batch_norm_elemt", backend, reference)(input, weight, bias, mean, invstd)
+        ctx.save_for_backward(input, weight, mean, invstd)
+        ctx.training, ctx.backend = bool(training), backend
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        input, weight, mean, invstd = ctx.saved_tensors
+        grad_out = in_layout(grad_out, input)
+        if ctx.needs_input_grad[0]:
+            grad_input, grad_weight, grad_bias = kernel("batch_norm_bwd", ctx.backend, reference)(
+                grad_out, input, weight, mean, invstd, ctx.training)
+        else:  # parameters only: the reductions, without the pass that writes grad_input
+            grad_input = None
+            grad_bias, sum_dy_xmu = kernel("batch_norm_bwd_reduce", ctx.backend, reference)(
+                grad_out, input, mean)
+            grad_weight = sum_dy_xmu * invstd
+        if weight is None or not ctx.needs_input_grad[1]:
+            grad_weight = None
+        else:
+            grad_weight = grad_weight.to(weight.dtype)
+        if ctx.bias_dtype is None or not ctx.needs_input_grad[2]:
+            grad_bias = None
+        else:
+            grad_bias = grad_bias.to(ctx.bias_dtype)
+        return grad_input, grad_weight, grad_bias, None, None, None, None, None, None
+
+
+def verify_batch_size(input: torch.Tensor) -> None:
+    """F.batch_norm's training check: normalizing one value per channel gives 0/0."""
+    size = input.size()
+    count = size[0]
+    for extent in size[2:]:
+        count *= extent
+    if count == 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {size}")
+
+
+def check_args(input, running_mean, running_var, weight, bias, training, momentum, eps) -> None:
+    """F.batch_norm's argument checks with its messages (and exception types)."""
+    if input.dim() < 2:
+        raise RuntimeError(f"batch_norm expects an input of shape (N, C, *), got {tuple(input.shape)}")
+    if momentum is None:
+        raise TypeError("batch_norm(): argument 'momentum' must be float, not NoneType "
+                        "(the cumulative average needs a batch count: pass 1 / num_batches, or use "
+                        "fusedreg.nn.BatchNorm*d(momentum=None), which keeps num_batches_tracked)")
+    if training:
+        verify_batch_size(input)
+    if training and eps <= 0.0:
+        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    elif eps < 0.0:
+        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+    if training and (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must either both be None or neither be None")
+    channels = input.shape[1]
+    for name, t in (("running_mean", running_mean), ("running_var", running_var)):
+        if t is None and not training:
+            raise RuntimeError(f"{name} must be defined in evaluation mode")
+        if t is not None and t.numel() != channels:
+            raise RuntimeError(f"{name} should contain {channels} elements not {t.numel()}")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and t.numel() != channels:
+            raise RuntimeError(f"{name} should contain {channels} elements not {t.numel()}")
+
+
+def batch_norm(input: torch.Tensor, running_mean: torch.Tensor | None, running_var: torch.Tensor | None,
+               weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+               training: bool = False, momentum: float = 0.1, eps: float = 1e-5, *,
+               backend: str | None = None) -> torch.Tensor:
+    """torch.nn.functional.batch_norm's contract (arguments, errors, running-stat update in place,
+    biased variance to normalize, unbiased into running_var) computed by fused kernels."""
+    check_args(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    return BatchNormFunction.apply(input, weight, bias, running_mean, running_var, bool(training),
+                                   momentum, eps, backend)
