@@ -1,0 +1,460 @@
+// CPU kernels of BatchNorm: fusedreg::batch_norm_fwd, _bwd, _stats, _elemt, _bwd_reduce, _bwd_elemt.
+//
+// Algorithm: every op is (per-channel reduction) -> (per-channel coefficients, O(C)) -> (one
+// elementwise pass), in the layout of batch_norm.h ((o * C + c) * inner + s):
+// - inner > 1 (NCHW-like): at::parallel_for over channels; a channel is `outer` runs of `inner`
+//   contiguous values, each run summed with kLanes interleaved accumulators (vectorizable) and
+//   pairwise above kCascadeBase values, the run sums then summed pairwise: rounding error grows
+//   with log(n), not n.
+// - inner == 1 (channels_last, (N, C)): at::parallel_for over fixed blocks of kRowsPerBlock rows;
+//   each block sums its rows into its own [C] partials (the inner loop runs over contiguous
+//   channels: vectorizable), and the partials are then summed pairwise in block order.
+// Statistics are two-pass and shifted: mean = shift + sum(x - shift) / n with shift = the channel's
+// first value, then m2 = sum((x - mean)^2), so neither a large mean nor cancellation hurts. All
+// arithmetic is fp32 (fp64 for double) and the order of every addition depends only on the shape
+// and layout, never on the thread count: results are bitwise reproducible.
+//
+// Trade-off: two passes over the input for the statistics plus one for the output (cache-friendly
+// for the small per-channel slices CPUs see), for the reference's exact two-pass numerics.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <vector>
+
+#include "batch_norm.h"
+#include "common/dispatch.h"
+
+namespace fusedreg {
+namespace {
+
+constexpr int kLanes = 8;
+constexpr int64_t kCascadeBase = 1024;
+constexpr int64_t kRowsPerBlock = 64;
+constexpr int64_t kGrainElems = 32768;  // elements per parallel task, roughly
+
+// out[k] = sum over i in [begin, end) of term(i)[k], for K sums at once.
+template <int K, typename acc, typename Term>
+void cascade_sum(int64_t begin, int64_t end, const Term& term, acc* out) {
+  if (end - begin > kCascadeBase) {
+    const int64_t mid = begin + (end - begin) / 2;
+    acc lo[K], hi[K];
+    cascade_sum<K>(begin, mid, term, lo);
+    cascade_sum<K>(mid, end, term, hi);
+    for (int k = 0; k < K; ++k) out[k] = lo[k] + hi[k];
+    return;
+  }
+  acc lanes[K][kLanes] = {};
+  int64_t i = begin;
+  for (; i + kLanes <= end; i += kLanes) {
+    for (int l = 0; l < kLanes; ++l) {
+      acc t[K];
+      term(i + l, t);
+      for (int k = 0; k < K; ++k) lanes[k][l] += t[k];
+    }
+  }
+  for (int l = 0; i < end; ++i, ++l) {
+    acc t[K];
+    term(i, t);
+    for (int k = 0; k < K; ++k) lanes[k][l] += t[k];
+  }
+  for (int k = 0; k < K; ++k) {
+    for (int width = kLanes / 2; width > 0; width /= 2) {
+      for (int l = 0; l < width; ++l) lanes[k][l] += lanes[k][l + width];
+    }
+    out[k] = lanes[k][0];
+  }
+}
+
+// out[k][c] = sum over the elements of channel c (memory offsets e) of term(c, e)[k].
+template <int K, typename acc, typename Term>
+void reduce_channels(const BatchNormLayout& L, const Term& term, acc* const* out) {
+  const int64_t C = L.channels;
+  if (L.numel() == 0) {
+    for (int k = 0; k < K; ++k) std::fill(out[k], out[k] + C, acc(0));
+    return;
+  }
+  if (L.inner > 1) {
+    const int64_t grain = std::max<int64_t>(1, kGrainElems / L.per_channel());
+    at::parallel_for(0, C, grain, [&](int64_t c_begin, int64_t c_end) {
+      std::vector<acc> runs(L.outer * K);
+      for (int64_t c = c_begin; c < c_end; ++c) {
+        for (int64_t o = 0; o < L.outer; ++o) {
+          const int64_t base = (o * C + c) * L.inner;
+          cascade_sum<K>(0, L.inner, [&](int64_t s, acc* t) { term(c, base + s, t); }, &runs[o * K]);
+        }
+        acc total[K];
+        cascade_sum<K>(0, L.outer, [&](int64_t o, acc* t) {
+          for (int k = 0; k < K; ++k) t[k] = runs[o * K + k];
+        }, total);
+        for (int k = 0; k < K; ++k) out[k][c] = total[k];
+      }
+    });
+    return;
+  }
+  const int64_t rows = L.outer;
+  const int64_t blocks = (rows + kRowsPerBlock - 1) / kRowsPerBlock;
+  std::vector<acc> partials(blocks * K * C, acc(0));  // [block][k][c]
+  at::parallel_for(0, blocks, std::max<int64_t>(1, kGrainElems / (kRowsPerBlock * C)),
+                   [&](int64_t b_begin, int64_t b_end) {
+    for (int64_t b = b_begin; b < b_end; ++b) {
+      acc* part = &partials[b * K * C];
+      const int64_t r_end = std::min(rows, (b + 1) * kRowsPerBlock);
+      for (int64_t r = b * kRowsPerBlock; r < r_end; ++r) {
+        for (int64_t c = 0; c < C; ++c) {
+          acc t[K];
+          term(c, r * C + c, t);
+          for (int k = 0; k < K; ++k) part[k * C + c] += t[k];
+        }
+      }
+    }
+  });
+  at::parallel_for(0, C, std::max<int64_t>(1, kGrainElems / blocks), [&](int64_t c_begin, int64_t c_end) {
+    for (int64_t c = c_begin; c < c_end; ++c) {
+      acc total[K];
+      cascade_sum<K>(0, blocks, [&](int64_t b, acc* t) {
+        for (int k = 0; k < K; ++k) t[k] = partials[(b * K + k) * C + c];
+      }, total);
+      for (int k = 0; k < K; ++k) out[k][c] = total[k];
+    }
+  });
+}
+
+// Per-channel mean and m2 = sum((x - mean)^2) of x; zeros for an empty batch.
+template <typename scalar_t>
+void channel_moments(const scalar_t* x, const BatchNormLayout& L, acc_t<scalar_t>* mean,
+                     acc_t<scalar_t>* m2) {
+  using acc = acc_t<scalar_t>;
+  const int64_t C = L.channels;
+  const acc n = static_cast<acc>(L.per_channel());
+  std::vector<acc> shift(C, acc(0));
+  if (L.numel() > 0) {
+    for (int64_t c = 0; c < C; ++c) shift[c] = static_cast<acc>(x[c * L.inner]);  // o = s = 0
+  }
+  acc* sums[1] = {mean};
+  reduce_channels<1, acc>(L, [&](int64_t c, int64_t e, acc* t) {
+    t[0] = static_cast<acc>(x[e]) - shift[c];
+  }, sums);
+  for (int64_t c = 0; c < C; ++c) mean[c] = L.numel() > 0 ? shift[c] + mean[c] / n : acc(0);
+  acc* squares[1] = {m2};
+  reduce_channels<1, acc>(L, [&](int64_t c, int64_t e, acc* t) {
+    const acc d = static_cast<acc>(x[e]) - mean[c];
+    t[0] = d * d;
+  }, squares);
+}
+
+// Per-channel sum(dy) and sum(dy * (x - mean)).
+template <typename scalar_t>
+void channel_grad_sums(const scalar_t* dy, const scalar_t* x, const BatchNormLayout& L,
+                       const acc_t<scalar_t>* mean, acc_t<scalar_t>* sum_dy, acc_t<scalar_t>* sum_dy_xmu) {
+  using acc = acc_t<scalar_t>;
+  acc* outs[2] = {sum_dy, sum_dy_xmu};
+  reduce_channels<2, acc>(L, [&](int64_t c, int64_t e, acc* t) {
+    const acc g = static_cast<acc>(dy[e]);
+    t[0] = g;
+    t[1] = g * (static_cast<acc>(x[e]) - mean[c]);
+  }, outs);
+}
+
+enum class Pass { kForward, kBackward, kBackwardEval };
+
+// Per-channel coefficients of the elementwise pass:
+//   kForward:      out = (x - m) * a + b
+//   kBackward:     out = (dy - b - (x - m) * k) * a
+//   kBackwardEval: out = dy * a
+template <typename acc>
+struct Coefs {
+  std::vector<acc> m, a, b, k;
+  explicit Coefs(int64_t C) : m(C, acc(0)), a(C, acc(1)), b(C, acc(0)), k(C, acc(0)) {}
+};
+
+template <Pass kPass, typename acc>
+inline acc formula(acc x, acc g, acc m, acc a, acc b, acc k) {
+  if constexpr (kPass == Pass::kForward) {
+    return (x - m) * a + b;
+  } else if constexpr (kPass == Pass::kBackward) {
+    return (g - b - (x - m) * k) * a;
+  } else {
+    return g * a;
+  }
+}
+
+template <Pass kPass, typename scalar_t>
+void elementwise(const BatchNormOperands& ops, const Coefs<acc_t<scalar_t>>& co) {
+  using acc = acc_t<scalar_t>;
+  const BatchNormLayout& L = ops.layout;
+  if (L.numel() == 0) return;
+  const int64_t C = L.channels;
+  const scalar_t* x = ops.x.const_data_ptr<scalar_t>();
+  const scalar_t* dy = ops.dy.defined() ? ops.dy.const_data_ptr<scalar_t>() : nullptr;
+  scalar_t* out = ops.out.mutable_data_ptr<scalar_t>();
+  constexpr bool kReadsX = kPass != Pass::kBackwardEval;
+  constexpr bool kReadsDy = kPass != Pass::kForward;
+  auto load = [](const scalar_t* p, int64_t e) { return static_cast<acc>(p[e]); };
+  if (L.inner > 1) {
+    at::parallel_for(0, L.outer * C, std::max<int64_t>(1, kGrainElems / L.inner),
+                     [&](int64_t p_begin, int64_t p_end) {
+      for (int64_t p = p_begin; p < p_end; ++p) {
+        const int64_t c = p % C;
+        const acc m = co.m[c], a = co.a[c], b = co.b[c], k = co.k[c];
+        for (int64_t e = p * L.inner; e < (p + 1) * L.inner; ++e) {
+          out[e] = static_cast<scalar_t>(formula<kPass>(kReadsX ? load(x, e) : acc(0),
+                                                        kReadsDy ? load(dy, e) : acc(0), m, a, b, k));
+        }
+      }
+    });
+  } else {
+    const acc *m = co.m.data(), *a = co.a.data(), *b = co.b.data(), *k = co.k.data();
+    at::parallel_for(0, L.outer, std::max<int64_t>(1, kGrainElems / C), [&](int64_t r_begin, int64_t r_end) {
+      for (int64_t r = r_begin; r < r_end; ++r) {
+        const int64_t base = r * C;
+        for (int64_t c = 0; c < C; ++c) {
+          out[base + c] = static_cast<scalar_t>(formula<kPass>(kReadsX ? load(x, base + c) : acc(0),
+                                                               kReadsDy ? load(dy, base + c) : acc(0),
+                                                               m[c], a[c], b[c], k[c]));
+        }
+      }
+    });
+  }
+}
+
+template <typename acc>
+const acc* data_or_null(const at::Tensor& t) {
+  return t.defined() ? t.const_data_ptr<acc>() : nullptr;
+}
+
+void check_cpu(const at::Tensor& t, const char* name) { check_device_type(t, at::kCPU, name); }
+
+// Contract: returns (output laid out as empty_like(input) in input's dtype, mean, invstd), the
+// last two [C] in the statistics dtype: batch statistics in training (zeros for an empty batch),
+// running_mean and 1/sqrt(running_var + eps) in eval. Mutates running_mean/running_var in training
+// when given: (1 - momentum) * old + momentum * batch value, the variance unbiased (n / (n - 1)).
+// weight/bias/running stats: [C], input's dtype or the statistics dtype. Raises ValueError for one
+// value per channel in training and RuntimeError for eval without running stats.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_fwd_cpu(
+    const at::Tensor& input, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
+    bool training, double momentum, double eps) {
+  check_bn_input(input, "input");
+  check_cpu(input, "input");
+  const at::Tensor w = to_stats(weight, input, "weight");
+  const at::Tensor b = to_stats(bias, input, "bias");
+  RunningStat rmean(running_mean, input, "running_mean");
+  RunningStat rvar(running_var, input, "running_var");
+  check_eval_running_stats(rmean, rvar, training);
+  check_values_per_channel(input, training);
+  BatchNormOperands ops = prepare_bn(input, nullptr, true);
+  const int64_t C = ops.layout.channels;
+  at::Tensor mean = bn_stats_empty(input);
+  at::Tensor invstd = bn_stats_empty(input);
+  FUSEDREG_DISPATCH_FLOATING(input.scalar_type(), "fusedreg_batch_norm_fwd_cpu", [&] {
+    using acc = acc_t<scalar_t>;
+    acc* mean_p = mean.mutable_data_ptr<acc>();
+    acc* invstd_p = invstd.mutable_data_ptr<acc>();
+    const int64_t n = ops.layout.per_channel();
+    if (!training) {
+      const acc* rm = rmean.work.const_data_ptr<acc>();
+      const acc* rv = rvar.work.const_data_ptr<acc>();
+      for (int64_t c = 0; c < C; ++c) {
+        mean_p[c] = rm[c];
+        invstd_p[c] = acc(1) / std::sqrt(rv[c] + static_cast<acc>(eps));
+      }
+    } else if (n == 0) {
+      std::fill(mean_p, mean_p + C, acc(0));
+      std::fill(invstd_p, invstd_p + C, acc(0));
+    } else {
+      std::vector<acc> m2(C);
+      channel_moments(ops.x.const_data_ptr<scalar_t>(), ops.layout, mean_p, m2.data());
+      const acc keep = static_cast<acc>(1.0 - momentum), mom = static_cast<acc>(momentum);
+      acc* rm = rmean.defined() ? rmean.work.mutable_data_ptr<acc>() : nullptr;
+      acc* rv = rvar.defined() ? rvar.work.mutable_data_ptr<acc>() : nullptr;
+      for (int64_t c = 0; c < C; ++c) {
+        invstd_p[c] = acc(1) / std::sqrt(m2[c] / static_cast<acc>(n) + static_cast<acc>(eps));
+        if (rm) rm[c] = keep * rm[c] + mom * mean_p[c];
+        if (rv) rv[c] = keep * rv[c] + mom * (m2[c] / static_cast<acc>(n - 1));
+      }
+    }
+    Coefs<acc> co(C);
+    const acc* w_p = data_or_null<acc>(w);
+    const acc* b_p = data_or_null<acc>(b);
+    for (int64_t c = 0; c < C; ++c) {
+      co.m[c] = mean_p[c];
+      co.a[c] = w_p ? invstd_p[c] * w_p[c] : invstd_p[c];
+      co.b[c] = b_p ? b_p[c] : acc(0);
+    }
+    elementwise<Pass::kForward, scalar_t>(ops, co);
+  });
+  rmean.write_back();
+  rvar.write_back();
+  return {ops.out, mean, invstd};
+}
+
+// dx from the per-channel sums: (dy - mean_dy - (x - mean) * invstd^2 * mean_dy_xmu) * invstd * w
+// in training, dy * invstd * w in eval (kBackwardEval never reads x).
+template <typename scalar_t>
+void grad_input_pass(const BatchNormOperands& ops, const at::Tensor& w, const acc_t<scalar_t>* mean,
+                     const acc_t<scalar_t>* invstd, const acc_t<scalar_t>* mean_dy,
+                     const acc_t<scalar_t>* mean_dy_xmu, bool training) {
+  using acc = acc_t<scalar_t>;
+  const int64_t C = ops.layout.channels;
+  const acc* w_p = data_or_null<acc>(w);
+  Coefs<acc> co(C);
+  for (int64_t c = 0; c < C; ++c) {
+    co.m[c] = mean[c];
+    co.a[c] = w_p ? invstd[c] * w_p[c] : invstd[c];
+    if (training) {
+      co.b[c] = mean_dy[c];
+      co.k[c] = invstd[c] * invstd[c] * mean_dy_xmu[c];
+    }
+  }
+  if (training) {
+    elementwise<Pass::kBackward, scalar_t>(ops, co);
+  } else {
+    elementwise<Pass::kBackwardEval, scalar_t>(ops, co);
+  }
+}
+
+// Contract: returns (grad_input laid out as empty_like(input) in input's dtype, grad_weight,
+// grad_bias), the last two [C] in the statistics dtype: grad_bias = sum(dy), grad_weight =
+// sum(dy * (x - mean)) * invstd. grad_out: input's shape and dtype, any layout; mean/invstd: [C],
+// input's dtype or the statistics dtype (batch statistics in training, running ones in eval).
+// Mutates nothing.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_bwd_cpu(
+    const at::Tensor& grad_out, const at::Tensor& input, const std::optional<at::Tensor>& weight,
+    const at::Tensor& mean, const at::Tensor& invstd, bool training) {
+  check_bn_input(input, "input");
+  check_cpu(input, "input");
+  check_like_input(grad_out, input, "grad_out");
+  const at::Tensor w = to_stats(weight, input, "weight");
+  const at::Tensor m = to_stats(mean, input, "mean");
+  const at::Tensor is = to_stats(invstd, input, "invstd");
+  BatchNormOperands ops = prepare_bn(input, &grad_out, true);
+  const int64_t C = ops.layout.channels;
+  at::Tensor grad_weight = bn_stats_empty(input);
+  at::Tensor grad_bias = bn_stats_empty(input);
+  FUSEDREG_DISPATCH_FLOATING(input.scalar_type(), "fusedreg_batch_norm_bwd_cpu", [&] {
+    using acc = acc_t<scalar_t>;
+    const acc* mean_p = m.const_data_ptr<acc>();
+    const acc* invstd_p = is.const_data_ptr<acc>();
+    acc* gw = grad_weight.mutable_data_ptr<acc>();
+    acc* gb = grad_bias.mutable_data_ptr<acc>();
+    channel_grad_sums(ops.dy.const_data_ptr<scalar_t>(), ops.x.const_data_ptr<scalar_t>(), ops.layout,
+                      mean_p, gb, gw);  // gw holds sum(dy * (x - mean)) until scaled below
+    const int64_t n = ops.layout.per_channel();
+    std::vector<acc> mean_dy(C, acc(0)), mean_dy_xmu(C, acc(0));
+    for (int64_t c = 0; c < C; ++c) {
+      if (n > 0) {
+        mean_dy[c] = gb[c] / static_cast<acc>(n);
+        mean_dy_xmu[c] = gw[c] / static_cast<acc>(n);
+      }
+      gw[c] *= invstd_p[c];
+    }
+    grad_input_pass<scalar_t>(ops, w, mean_p, invstd_p, mean_dy.data(), mean_dy_xmu.data(),
+                              training && n > 0);
+  });
+  return {ops.out, grad_weight, grad_bias};
+}
+
+// Contract: returns (mean, biased variance) over every dim but 1, [C] in the statistics dtype;
+// zeros for an empty batch. Mutates nothing.
+std::tuple<at::Tensor, at::Tensor> batch_norm_stats_cpu(const at::Tensor& input) {
+  check_bn_input(input, "input");
+  check_cpu(input, "input");
+  BatchNormOperands ops = prepare_bn(input, nullptr, false);
+  at::Tensor mean = bn_stats_empty(input);
+  at::Tensor var = bn_stats_empty(input);
+  FUSEDREG_DISPATCH_FLOATING(input.scalar_type(), "fusedreg_batch_norm_stats_cpu", [&] {
+    using acc = acc_t<scalar_t>;
+    acc* var_p = var.mutable_data_ptr<acc>();
+    channel_moments(ops.x.const_data_ptr<scalar_t>(), ops.layout, mean.mutable_data_ptr<acc>(), var_p);
+    const int64_t n = ops.layout.per_channel();
+    for (int64_t c = 0; c < ops.layout.channels; ++c) {
+      var_p[c] = n > 0 ? var_p[c] / static_cast<acc>(n) : acc(0);
+    }
+  });
+  return {mean, var};
+}
+
+// Contract: returns (input - mean) * invstd * weight + bias laid out as empty_like(input), input's
+// dtype; weight/bias optional (1 / 0); per-channel tensors [C] in input's or the statistics dtype.
+at::Tensor batch_norm_elemt_cpu(const at::Tensor& input, const std::optional<at::Tensor>& weight,
+                                const std::optional<at::Tensor>& bias, const at::Tensor& mean,
+                                const at::Tensor& invstd) {
+  check_bn_input(input, "input");
+  check_cpu(input, "input");
+  const at::Tensor w = to_stats(weight, input, "weight");
+  const at::Tensor b = to_stats(bias, input, "bias");
+  const at::Tensor m = to_stats(mean, input, "mean");
+  const at::Tensor is = to_stats(invstd, input, "invstd");
+  BatchNormOperands ops = prepare_bn(input, nullptr, true);
+  FUSEDREG_DISPATCH_FLOATING(input.scalar_type(), "fusedreg_batch_norm_elemt_cpu", [&] {
+    using acc = acc_t<scalar_t>;
+    const int64_t C = ops.layout.channels;
+    const acc *w_p = data_or_null<acc>(w), *b_p = data_or_null<acc>(b);
+    const acc *m_p = m.const_data_ptr<acc>(), *is_p = is.const_data_ptr<acc>();
+    Coefs<acc> co(C);
+    for (int64_t c = 0; c < C; ++c) {
+      co.m[c] = m_p[c];
+      co.a[c] = w_p ? is_p[c] * w_p[c] : is_p[c];
+      co.b[c] = b_p ? b_p[c] : acc(0);
+    }
+    elementwise<Pass::kForward, scalar_t>(ops, co);
+  });
+  return ops.out;
+}
+
+// Contract: returns (sum(grad_out), sum(grad_out * (input - mean))) per channel, [C] in the
+// statistics dtype. grad_out: input's shape and dtype; mean: [C]. Mutates nothing.
+std::tuple<at::Tensor, at::Tensor> batch_norm_bwd_reduce_cpu(const at::Tensor& grad_out,
+                                                             const at::Tensor& input,
+                                                             const at::Tensor& mean) {
+  check_bn_input(input, "input");
+  check_cpu(input, "input");
+  check_like_input(grad_out, input, "grad_out");
+  const at::Tensor m = to_stats(mean, input, "mean");
+  BatchNormOperands ops = prepare_bn(input, &grad_out, false);
+  at::Tensor sum_dy = bn_stats_empty(input);
+  at::Tensor sum_dy_xmu = bn_stats_empty(input);
+  FUSEDREG_DISPATCH_FLOATING(input.scalar_type(), "fusedreg_batch_norm_bwd_reduce_cpu", [&] {
+    using acc = acc_t<scalar_t>;
+    channel_grad_sums(ops.dy.const_data_ptr<scalar_t>(), ops.x.const_data_ptr<scalar_t>(), ops.layout,
+                      m.const_data_ptr<acc>(), sum_dy.mutable_data_ptr<acc>(),
+                      sum_dy_xmu.mutable_data_ptr<acc>());
+  });
+  return {sum_dy, sum_dy_xmu};
+}
+
+// Contract: returns (grad_out - mean_dy - (input - mean) * invstd^2 * mean_dy_xmu) * invstd * weight
+// laid out as empty_like(input), input's dtype; weight optional (1); the rest [C]. Mutates nothing.
+at::Tensor batch_norm_bwd_elemt_cpu(const at::Tensor& grad_out, const at::Tensor& input,
+                                    const std::optional<at::Tensor>& weight, const at::Tensor& mean,
+                                    const at::Tensor& invstd, const at::Tensor& mean_dy,
+                                    const at::Tensor& mean_dy_xmu) {
+  check_bn_input(input, "input");
+  check_cpu(input, "input");
+  check_like_input(grad_out, input, "grad_out");
+  const at::Tensor w = to_stats(weight, input, "weight");
+  const at::Tensor m = to_stats(mean, input, "mean");
+  const at::Tensor is = to_stats(invstd, input, "invstd");
+  const at::Tensor mdy = to_stats(mean_dy, input, "mean_dy");
+  const at::Tensor mdxmu = to_stats(mean_dy_xmu, input, "mean_dy_xmu");
+  BatchNormOperands ops = prepare_bn(input, &grad_out, true);
+  FUSEDREG_DISPATCH_FLOATING(input.scalar_type(), "fusedreg_batch_norm_bwd_elemt_cpu", [&] {
+    using acc = acc_t<scalar_t>;
+    grad_input_pass<scalar_t>(ops, w, m.const_data_ptr<acc>(), is.const_data_ptr<acc>(),
+                              mdy.const_data_ptr<acc>(), mdxmu.const_data_ptr<acc>(), true);
+  });
+  return ops.out;
+}
+
+}  // namespace
+}  // namespace fusedreg
+
+TORCH_LIBRARY_IMPL(fusedreg, CPU, m) {
+  m.impl("batch_norm_fwd", &fusedreg::batch_norm_fwd_cpu);
+  m.impl("batch_norm_bwd", &fusedreg::batch_norm_bwd_cpu);
+  m.impl("batch_norm_stats", &fusedreg::batch_norm_stats_cpu);
+  m.impl("batch_norm_elemt", &fusedreg::batch_norm_elemt_cpu);
+  m.impl("batch_norm_bwd_reduce", &fusedreg::batch_norm_bwd_reduce_cpu);
+  m.impl("batch_norm_bwd_elemt", &fusedreg::batch_norm_bwd_elemt_cpu);
+}
