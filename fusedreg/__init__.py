@@ -5,11 +5,15 @@ Importing builds nothing: the C++/CUDA libraries are JIT-built on first use (see
 """
 from . import _library  # noqa: F401  (defines the torch.ops.fusedreg schemas)
 from . import backends, nn
+from . import optim  # noqa: F401  (fusedreg.optim.AdamW)
 from ._backend import set_backend, use_backend
 from ._build import BuildError
+from .ops.batch_norm import BatchNormFunction, batch_norm
 from .ops.dropout import DropoutFunction, dropout, dropout_add
+from .utils.clip import clip_grad_norm_, clip_grads_with_norm_, get_total_norm
 
 __version__ = "0.1.0"
 
 __all__ = ["backends", "nn", "set_backend", "use_backend", "BuildError", "DropoutFunction", "dropout",
-           "dropout_add", "__version__"]
+           "dropout_add", "BatchNormFunction", "batch_norm", "clip_grad_norm_", "clip_grads_with_norm_",
+           "get_total_norm", "__version__"]

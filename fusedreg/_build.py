@@ -420,6 +420,9 @@ def _estimate(spec: _Spec) -> str:
 def _build_into(spec: _Spec, build_dir: Path, verbose: bool) -> Path:
     """Build (if the stamp does not match) under the lock; return the library file."""
     with _exclusive(build_dir.parent / f"{spec.name}.lock", spec.name):
+        # The digest is taken before compiling: a source edited during the build then fails to
+        # match next time, instead of being stamped as built.
+        digest = _digest(spec)
         if _stamp_matches(build_dir, spec):
             return _library_file(build_dir, spec)
         stamp = _stamp_path(build_dir, spec)
@@ -437,7 +440,7 @@ def _build_into(spec: _Spec, build_dir: Path, verbose: bool) -> Path:
         target = _library_file(build_dir, spec)
         if built != target:  # torch names a rebuilt library <name>_v<k>.so; keep one stable path
             shutil.copyfile(built, target)
-        stamp.write_text(_digest(spec))
+        stamp.write_text(digest)
         print(f"fusedreg: built {spec.name} in {time.monotonic() - start:.0f} s -> {target}",
               file=sys.stderr, flush=True)
         return target

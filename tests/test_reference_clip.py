@@ -32,11 +32,12 @@ def test_total_norm_matches_torch(dtype, norm_type):
     tensors = _tensors(dtype)
     ours = total_norm(tensors, norm_type)
     theirs = _torch_total_norm(tensors, norm_type)
-    assert ours.dtype == torch.float32 and ours.shape == ()
-    torch.testing.assert_close(ours, theirs.float(), atol=0, rtol=TOLERANCES[dtype][1])
-    # accumulation in float32 whatever the input dtype: as accurate as float32 allows
-    torch.testing.assert_close(ours, _exact_norm(tensors, norm_type).float(),
-                               atol=0, rtol=TOLERANCES[torch.float32][1])
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    assert ours.dtype == acc and ours.shape == ()
+    torch.testing.assert_close(ours, theirs.to(acc), atol=0, rtol=TOLERANCES[dtype][1])
+    # accumulation in float32 (float64) whatever the input dtype: as accurate as that allows
+    torch.testing.assert_close(ours, _exact_norm(tensors, norm_type).to(acc),
+                               atol=0, rtol=TOLERANCES[acc][1])
 
 
 @pytest.mark.parametrize("norm_type", [2.0, 1.0, float("inf"), 3.0])
@@ -82,6 +83,15 @@ def test_empty_tensors_contribute_nothing():
     for norm_type in (2.0, math.inf):
         assert torch.equal(grad_norm_pow(tensors + empty, norm_type),
                            grad_norm_pow(tensors, norm_type))
+
+
+def test_grad_norm_pow_of_float64_is_float64():
+    tensors = _tensors(torch.float64)
+    as_double = torch.cat([t.reshape(-1) for t in tensors])
+    p2 = grad_norm_pow(tensors, 2.0)
+    assert p2.dtype == torch.float64
+    torch.testing.assert_close(p2, as_double.square().sum(), atol=0, rtol=1e-14)
+    assert total_norm(tensors + _tensors(torch.float32, seed=3), 2.0).dtype == torch.float64
 
 
 def test_float32_accumulation_of_half_does_not_overflow():

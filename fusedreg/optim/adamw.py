@@ -40,6 +40,7 @@ from torch.optim import Optimizer
 from .. import _backend
 from ..ops._dispatch import kernel
 from ..reference import adamw as reference
+from ..utils.clip import get_total_norm
 
 __all__ = ["AdamW"]
 
@@ -145,13 +146,7 @@ def _on(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
 
 
 def _total_norm(grads: list[torch.Tensor], backend: str | None, norm_dtype: torch.dtype) -> torch.Tensor:
-    """The global 2-norm of `grads` in `norm_dtype`, by fusedreg.get_total_norm (its kernels)
-    where the package has it, else by the eager reference."""
-    try:
-        from ..utils import get_total_norm
-    except ImportError:
-        from ..reference.clip import total_norm
-        return total_norm(grads, 2.0).to(norm_dtype)
+    """The global 2-norm of `grads` in `norm_dtype`, by fusedreg.get_total_norm's kernels."""
     return get_total_norm(grads, 2.0, backend=backend, norm_dtype=norm_dtype)
 
 

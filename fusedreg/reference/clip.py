@@ -8,13 +8,14 @@ and `fusedreg::multi_tensor_scale_`, and the composition the public clip functio
 
 Numerics: sums accumulate in float32 (float64 for float64 tensors) whatever the tensors' dtype, in a
 fixed order (per tensor, then over tensors in list order), so the same inputs give the same bits.
-Scaling multiplies in float32 and rounds once to the tensor's dtype.
+Scaling multiplies in float32 (float64) and rounds once to the tensor's dtype.
 
 Deliberate differences from torch.nn.utils.get_total_norm / clip_grad_norm_:
 - PyTorch takes the p-norm of each tensor and then the p-norm of those norms; here the p-th powers
   are summed directly. Mathematically equal; rounding differs in the last bits.
-- The total norm and the clip coefficient are float32 scalars whatever the gradients' dtype
-  (PyTorch returns them in the gradients' dtype, so bfloat16 gradients get a bfloat16 norm).
+- The total norm and the clip coefficient are float32 scalars (float64 when a tensor is float64)
+  whatever the gradients' dtype (PyTorch returns them in the gradients' dtype, so bfloat16
+  gradients get a bfloat16 norm; fusedreg.get_total_norm rounds to that dtype at the very end).
 - Only norm types p > 0 and inf are supported (not 0 or -inf): these are the ones that are a sum
   or a max, which is what the fused kernels compute.
 - An empty tensor contributes 0 to the inf norm (|x| >= 0, so 0 is the identity of the max),
@@ -55,11 +56,12 @@ def _pow_sum(x: torch.Tensor, norm_type: float) -> torch.Tensor:
 
 @torch.no_grad()
 def grad_norm_pow(tensors: list[torch.Tensor], norm_type: float) -> torch.Tensor:
-    """sum(|x|^p) over all elements of all tensors (max |x| for p = inf): a float32 scalar."""
+    """sum(|x|^p) over all elements of all tensors (max |x| for p = inf): a float32 scalar
+    (float64 for float64 tensors) on their device. tensors: non-empty, one device and dtype."""
     norm_type = _check_norm_type(norm_type)
     parts = torch.stack([_pow_sum(t, norm_type) for t in tensors])
     total = parts.amax() if math.isinf(norm_type) else parts.sum()
-    return total.to(torch.float32)
+    return total.to(_accumulate_dtype(tensors[0]))
 
 
 @torch.no_grad()
@@ -72,8 +74,8 @@ def multi_tensor_scale_(tensors: list[torch.Tensor], scale: torch.Tensor) -> Non
 
 @torch.no_grad()
 def total_norm(tensors: list[torch.Tensor], norm_type: float = 2.0) -> torch.Tensor:
-    """The p-norm of all tensors viewed as one vector: a float32 scalar on the first tensor's
-    device (tensor(0.) on the CPU for an empty list, as PyTorch)."""
+    """The p-norm of all tensors viewed as one vector: a float32 scalar (float64 when a tensor is
+    float64) on the first tensor's device (tensor(0.) on the CPU for an empty list, as PyTorch)."""
     tensors = list(tensors)
     norm_type = _check_norm_type(norm_type)
     if not tensors:
@@ -82,8 +84,9 @@ def total_norm(tensors: list[torch.Tensor], norm_type: float = 2.0) -> torch.Ten
     for t in tensors:
         groups.setdefault((t.device, t.dtype), []).append(t)
     first_device = tensors[0].device
-    parts = torch.stack([grad_norm_pow(group, norm_type).to(first_device)
-                         for group in groups.values()])
+    parts = [grad_norm_pow(group, norm_type) for group in groups.values()]
+    acc = torch.float64 if any(part.dtype == torch.float64 for part in parts) else torch.float32
+    parts = torch.stack([part.to(first_device, acc) for part in parts])
     if math.isinf(norm_type):
         return parts.amax()
     if norm_type == 2.0:

@@ -1,0 +1,265 @@
+"""Global-norm gradient clipping with torch.nn.utils' contract, on fused multi-tensor kernels and
+without a host sync.
+
+    get_total_norm(tensors, p)   group the tensors by (device, dtype); per group one
+                                 fusedreg::grad_norm_pow (sum of |x|^p, or max |x| for p = inf,
+                                 accumulated in float32, float64 for float64 tensors); combine the
+                                 groups' partial powers on the first tensor's device; all-reduce them
+                                 over `process_group` (SUM, or MAX for inf); take the p-th root.
+    clip_grads_with_norm_        coef = clamp(max_norm / (total_norm + 1e-6), max=1) on the device,
+                                 then one fusedreg::multi_tensor_scale_ per group.
+    clip_grad_norm_              both; the coefficient comes from the float32 norm.
+
+Nothing here reads a value back to the host except error_if_nonfinite=True, which has to.
+
+Differences from PyTorch, all deliberate:
+- The returned norm has PyTorch's dtype (the promoted dtype of the tensors: bfloat16 gradients get
+  a bfloat16 norm) but is rounded once from the float32 accumulator; pass norm_dtype=torch.float32
+  to get the accumulator itself. clip_grad_norm_ clips with the float32 norm where PyTorch uses
+  its low-precision one: float16 gradients whose norm exceeds 65504 are clipped correctly here,
+  where PyTorch's float16 norm overflows to inf and zeroes them. (The returned float16 norm is
+  still inf then, and error_if_nonfinite, which judges the float32 norm, does not raise.)
+- Sums of |x|^p replace PyTorch's norm of per-tensor norms: equal in exact arithmetic, different
+  in the last bits; deterministic run to run.
+- norm_type must be positive or inf (PyTorch also takes 0, negative p and -inf).
+- An empty tensor contributes nothing to the inf norm (PyTorch raises on it).
+- `foreach` is accepted for compatibility and ignored: the kernels are always multi-tensor.
+- Sparse gradients count by their coalesced values; complex gradients are not supported.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import types
+import warnings
+from typing import Iterable
+
+import torch
+
+from .. import _backend
+from ..ops._dispatch import kernel
+from ..reference import clip as reference
+
+__all__ = ["clip_grad_norm_", "get_total_norm", "clip_grads_with_norm_"]
+
+_TensorOrTensors = torch.Tensor | Iterable[torch.Tensor]
+
+
+def _check_norm_type(norm_type) -> float:
+    try:
+        p = float(norm_type)
+    except (TypeError, ValueError):
+        raise ValueError(f"norm_type must be a number or 'inf', got {norm_type!r}") from None
+    if not p > 0:
+        raise ValueError(f"norm_type must be positive or inf, got {norm_type!r} (fusedreg computes "
+                         "p-norms for p > 0 and inf; use torch.nn.utils for the others)")
+    return p
+
+
+def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+_Groups = dict[tuple[torch.device, torch.dtype, torch.layout], list[torch.Tensor]]
+
+
+def _group(tensors: list[torch.Tensor]) -> _Groups:
+    """(device, dtype, layout) -> tensors, in order of first appearance (a fixed combination order).
+    Runs every step over every gradient, hence the one-group fast path and checks per group."""
+    groups: _Groups = {}
+    if tensors and isinstance(tensors[0], torch.Tensor):
+        first = tensors[0]
+        device, dtype, layout = first.device, first.dtype, first.layout
+        try:  # the common case, one group, in half the time of the general loop
+            if all(t.dtype is dtype and t.layout is layout and t.device == device for t in tensors):
+                groups[(device, dtype, layout)] = list(tensors)
+        except AttributeError:
+            pass
+    for t in tensors if not groups else ():
+        try:
+            key = (t.device, t.dtype, t.layout)
+        except AttributeError:
+            index = next(i for i, u in enumerate(tensors) if u is t)
+            raise TypeError(f"tensors[{index}] must be a Tensor, got {type(t).__name__}") from None
+        group = groups.get(key)
+        if group is None:
+            groups[key] = [t]
+        else:
+            group.append(t)
+    for (_, dtype, layout), group in groups.items():
+        if not dtype.is_floating_point or layout not in (torch.strided, torch.sparse_coo):
+            index = next(i for i, t in enumerate(tensors) if t is group[0])
+            raise TypeError(f"tensors[{index}] must be a strided or sparse_coo tensor of a real "
+                            f"floating-point dtype, got {dtype} ({layout})")
+    return groups
+
+
+def _local_pow_sum(groups: _Groups, first_device: torch.device, p: float, backend: str | None) -> torch.Tensor:
+    """Sum of |x|^p (max |x| for inf) over every group, in float32 (float64 if any group is float64),
+    on first_device: one grad_norm_pow per group (a sparse tensor counts by its coalesced values)."""
+    parts = []
+    for (device, _, layout), group in groups.items():
+        if layout != torch.strided:
+            group = [t.coalesce().values() for t in group]
+        name = _backend.select(device, backend)
+        parts.append(kernel("grad_norm_pow", name, reference)(group, p))
+    if len(parts) == 1:
+        return parts[0]
+    acc = torch.float64 if any(part.dtype == torch.float64 for part in parts) else torch.float32
+    stacked = torch.stack([part.to(first_device, acc) for part in parts])
+    return stacked.amax() if math.isinf(p) else stacked.sum()
+
+
+def _collective_device(process_group) -> torch.device:
+    """Where a process without tensors puts its share of the all-reduce: on the GPU when the
+    group can run NCCL (the others' shares are there), else on the CPU."""
+    import torch.distributed as dist
+
+    if "nccl" in str(dist.get_backend(process_group)) and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _all_reduce(pow_sum: torch.Tensor, p: float, process_group) -> torch.Tensor:
+    """The p-th power sums (maxima for inf) of every process, added (maxed) together. Reduced in
+    float64 whatever each process accumulated in, so that processes with different gradient dtypes
+    still agree on the collective's dtype; returned in pow_sum's dtype."""
+    import torch.distributed as dist
+
+    local = pow_sum.to(torch.float64)
+    if math.isinf(p):
+        # A MAX reduction need not propagate NaN (backends may use fmax): reduce a NaN flag with it.
+        is_nan = local.isnan()
+        both = torch.stack([torch.where(is_nan, 0.0, local), is_nan.to(torch.float64)])
+        dist.all_reduce(both, op=dist.ReduceOp.MAX, group=process_group)
+        total = torch.where(both[1] > 0, math.nan, both[0])
+    else:
+        dist.all_reduce(local, op=dist.ReduceOp.SUM, group=process_group)
+        total = local
+    return total.to(pow_sum.dtype)
+
+
+def _root(pow_sum: torch.Tensor, p: float) -> torch.Tensor:
+    if p == 2.0:
+        return pow_sum.sqrt()
+    if p == 1.0 or math.isinf(p):
+        return pow_sum
+    return pow_sum.pow(1.0 / p)
+
+
+def _accumulated_norm(tensors: list[torch.Tensor], groups: _Groups, p: float, process_group,
+                      backend: str | None) -> torch.Tensor | None:
+    """The global p-norm in the accumulation dtype, or None without tensors and without a group."""
+    if tensors:
+        pow_sum = _local_pow_sum(groups, tensors[0].device, p, backend)
+    elif process_group is not None:
+        pow_sum = torch.zeros((), dtype=torch.float32, device=_collective_device(process_group))
+    else:
+        return None
+    if process_group is not None:
+        pow_sum = _all_reduce(pow_sum, p, process_group)
+    return _root(pow_sum, p)
+
+
+def _check_finite(norm: torch.Tensor, p: float) -> None:
+    if torch.logical_or(norm.isnan(), norm.isinf()):  # the one host sync, asked for
+        raise RuntimeError(
+            f"The total norm of order {p} for gradients from "
+            "`parameters` is non-finite, so it cannot be clipped. To disable "
+            "this error and scale the gradients by the non-finite norm anyway, "
+            "set `error_if_nonfinite=False`"
+        )
+
+
+def _result_dtype(groups: _Groups, norm_dtype: torch.dtype | None) -> torch.dtype:
+    """norm_dtype, else PyTorch's: the promoted dtype of all tensors (float32 without any)."""
+    if norm_dtype is not None:
+        return norm_dtype
+    dtypes = [dtype for _, dtype, _ in groups]
+    return functools.reduce(torch.promote_types, dtypes) if dtypes else torch.float32
+
+
+def _scale_grads(groups: _Groups, max_norm: float, total_norm: torch.Tensor, backend: str | None) -> None:
+    """Every tensor *= clamp(max_norm / (total_norm + 1e-6), max=1), computed on total_norm's
+    device: one multi_tensor_scale_ per strided group."""
+    coef = torch.clamp(float(max_norm) / (total_norm + 1e-6), max=1.0)
+    for (device, dtype, layout), group in groups.items():
+        if layout != torch.strided:
+            for g in group:
+                g.mul_(coef.to(device, dtype))
+            continue
+        name = _backend.select(device, backend)
+        kernel("multi_tensor_scale_", name, reference)(group, coef.to(device, _accumulate_dtype(dtype)))
+
+
+@torch.no_grad()
+def get_total_norm(tensors: _TensorOrTensors, norm_type: float | str = 2.0, error_if_nonfinite: bool = False,
+                   foreach: bool | None = None, *, process_group=None, backend: str | None = None,
+                   norm_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The p-norm of all `tensors` viewed as one vector (torch.nn.utils.get_total_norm).
+
+    Returns a 0-dim tensor on tensors[0]'s device in PyTorch's dtype (the promoted dtype of the
+    tensors) or `norm_dtype`; tensor(0.) on the CPU when there are no tensors. With
+    `process_group`, every process's p-th power sum is all-reduced first, so each process gets the
+    norm of the gradients of all processes (every process of the group must call it, with or
+    without tensors). Raises RuntimeError if error_if_nonfinite and the norm is nan or inf (the
+    only case that waits for the device). `foreach` is ignored.
+    """
+    p = _check_norm_type(norm_type)
+    tensors = [tensors] if isinstance(tensors, torch.Tensor) else list(tensors)
+    groups = _group(tensors)
+    norm = _accumulated_norm(tensors, groups, p, process_group, backend)
+    if norm is None:
+        return torch.tensor(0.0)
+    if error_if_nonfinite:
+        _check_finite(norm, p)
+    return norm.to(_result_dtype(groups, norm_dtype))
+
+
+@torch.no_grad()
+def clip_grads_with_norm_(parameters: _TensorOrTensors, max_norm: float, total_norm: torch.Tensor,
+                          foreach: bool | None = None, *, backend: str | None = None) -> None:
+    """Scales every gradient by clamp(max_norm / (total_norm + 1e-6), max=1) in place
+    (torch.nn.utils.clip_grads_with_norm_): the coefficient in total_norm's dtype on its device,
+    the product in float32 (float64 for float64 gradients) rounded once. `foreach` is ignored."""
+    if isinstance(parameters, torch.Tensor):
+        parameters = [parameters]
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return
+    if not isinstance(total_norm, torch.Tensor):
+        total_norm = torch.tensor(float(total_norm), device=grads[0].device)
+    _scale_grads(_group(grads), max_norm, total_norm, backend)
+
+
+@torch.no_grad()
+def clip_grad_norm_(parameters: _TensorOrTensors, max_norm: float, norm_type: float | str = 2.0,
+                    error_if_nonfinite: bool = False, foreach: bool | None = None, *, process_group=None,
+                    backend: str | None = None, norm_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Clips the gradients of `parameters` in place to a global p-norm of at most max_norm
+    (torch.nn.utils.clip_grad_norm_) and returns their total norm before clipping.
+
+    The norm as get_total_norm (with process_group: the norm over all processes' gradients, so that
+    sharded gradients are clipped by the true global norm); the coefficient
+    clamp(max_norm / (norm + 1e-6), max=1) is computed on the device from the float32 (float64)
+    norm and applied with one multi-tensor launch per (device, dtype). No host sync unless
+    error_if_nonfinite. `foreach` is ignored.
+    """
+    p = _check_norm_type(norm_type)
+    if isinstance(parameters, torch.Tensor):
+        parameters = [parameters]
+    else:
+        is_generator = isinstance(parameters, types.GeneratorType)
+        parameters = list(parameters)
+        if is_generator and not parameters:
+            warnings.warn("`parameters` is an empty generator, no gradient clipping will occur.",
+                          stacklevel=3)
+    grads = [param.grad for param in parameters if param.grad is not None]
+    groups = _group(grads)
+    norm = _accumulated_norm(grads, groups, p, process_group, backend)
+    if norm is None:
+        return torch.tensor(0.0)
+    if error_if_nonfinite:
+        _check_finite(norm, p)
+    _scale_grads(groups, max_norm, norm, backend)
+    return norm.to(_result_dtype(groups, norm_dtype))
