@@ -36,7 +36,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .dropout import _float32_to_bfloat16_rne
+from ._common import float32_to_bfloat16_rne, interpreted, registered_as
+
 
 __all__ = ["batch_norm_fwd", "batch_norm_bwd", "batch_norm_stats", "batch_norm_elemt",
            "batch_norm_bwd_reduce", "batch_norm_bwd_elemt"]
@@ -332,14 +333,11 @@ def _bn_elementwise_kernel(
         dy = tl.load(dy_ptr + offsets, mask=mask, other=0.0).to(acc_ty)
         y = dy * scale
     if BF16_ROUND_BY_BITS:
-        y = _float32_to_bfloat16_rne(y)
+        y = float32_to_bfloat16_rne(y)
     tl.store(out_ptr + offsets, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 # ----------------------------------------------------------------------------- host side
-
-def _interpreted() -> bool:
-    return not isinstance(_bn_elementwise_kernel, triton.runtime.JITFunction)
 
 
 def _float_bits(value: float) -> int:
@@ -365,7 +363,7 @@ def _check_input(input: torch.Tensor) -> None:
         raise TypeError(f"input must be a floating-point tensor, got {getattr(input, 'dtype', type(input))}")
     if input.dim() < 2:
         raise ValueError(f"batch_norm expects an input of shape (N, C, *), got {tuple(input.shape)}")
-    if input.device.type == "cpu" and not _interpreted():
+    if input.device.type == "cpu" and not interpreted():
         raise RuntimeError("batch_norm (triton): input is a CPU tensor, which needs the Triton interpreter "
                            "(TRITON_INTERPRET=1 set before fusedreg.triton is imported)")
 
@@ -501,7 +499,7 @@ def _elementwise(pass_: int, x: torch.Tensor | None, dy: torch.Tensor | None, ou
         HAS_SHIFT=shift is not None, FROM_VAR=from_var, WRITE_STATS=stats_out is not None,
         FP64=out.dtype == torch.float64,
         # The interpreter's float32 -> bfloat16 cast truncates; compiled kernels round to nearest.
-        BF16_ROUND_BY_BITS=out.dtype == torch.bfloat16 and _interpreted(),
+        BF16_ROUND_BY_BITS=out.dtype == torch.bfloat16 and interpreted(),
         BLOCK_O=block_o, BLOCK_X=block_x, num_warps=_NUM_WARPS)
 
 
@@ -529,7 +527,7 @@ class _Running:
             self.target.copy_(self.work)
 
 
-@torch.library.impl("fusedreg::batch_norm_fwd_triton", ("CPU", "CUDA"))
+@registered_as("batch_norm_fwd_triton")
 def batch_norm_fwd(input, weight, bias, running_mean, running_var, training: bool, momentum: float,
                    eps: float):
     """(output laid out as empty_like(input), mean, invstd); the last two [C] in the statistics
@@ -565,7 +563,7 @@ def batch_norm_fwd(input, weight, bias, running_mean, running_var, training: boo
     return out, mean, invstd
 
 
-@torch.library.impl("fusedreg::batch_norm_bwd_triton", ("CPU", "CUDA"))
+@registered_as("batch_norm_bwd_triton")
 def batch_norm_bwd(grad_out, input, weight, mean, invstd, training: bool):
     """(grad_input laid out as empty_like(input), grad_weight, grad_bias); the last two [C] in the
     statistics dtype."""
@@ -583,7 +581,7 @@ def batch_norm_bwd(grad_out, input, weight, mean, invstd, training: bool):
     return out, grad_weight, sum_dy
 
 
-@torch.library.impl("fusedreg::batch_norm_stats_triton", ("CPU", "CUDA"))
+@registered_as("batch_norm_stats_triton")
 def batch_norm_stats(input):
     """(mean, biased variance) over every dim but 1, [C] in the statistics dtype (zeros if empty)."""
     _check_input(input)
@@ -596,7 +594,7 @@ def batch_norm_stats(input):
     return mean, var
 
 
-@torch.library.impl("fusedreg::batch_norm_elemt_triton", ("CPU", "CUDA"))
+@registered_as("batch_norm_elemt_triton")
 def batch_norm_elemt(input, weight, bias, mean, invstd):
     """(input - mean) * invstd * weight + bias laid out as empty_like(input)."""
     _check_input(input)
@@ -608,7 +606,7 @@ def batch_norm_elemt(input, weight, bias, mean, invstd):
     return out
 
 
-@torch.library.impl("fusedreg::batch_norm_bwd_reduce_triton", ("CPU", "CUDA"))
+@registered_as("batch_norm_bwd_reduce_triton")
 def batch_norm_bwd_reduce(grad_out, input, mean):
     """(sum(grad_out), sum(grad_out * (input - mean))) per channel, in the statistics dtype."""
     _check_input(input)
@@ -620,7 +618,7 @@ def batch_norm_bwd_reduce(grad_out, input, mean):
     return sum_dy, sum_dy_xmu
 
 
-@torch.library.impl("fusedreg::batch_norm_bwd_elemt_triton", ("CPU", "CUDA"))
+@registered_as("batch_norm_bwd_elemt_triton")
 def batch_norm_bwd_elemt(grad_out, input, weight, mean, invstd, mean_dy, mean_dy_xmu):
     """(grad_out - mean_dy - (input - mean) * invstd^2 * mean_dy_xmu) * invstd * weight."""
     _check_input(input)

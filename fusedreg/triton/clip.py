@@ -37,6 +37,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import float32_to_bfloat16_rne, interpreted, registered_as
+
 __all__ = ["grad_norm_pow", "multi_tensor_scale_"]
 
 _CHUNK = 65536       # elements per program
@@ -49,15 +51,6 @@ _KIND_L2, _KIND_L1, _KIND_INF, _KIND_P = 0, 1, 2, 3
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.float64: tl.float64, torch.float16: tl.float16,
               torch.bfloat16: tl.bfloat16}
-
-
-@triton.jit
-def _float32_to_bfloat16_rne(y):
-    """float32 -> bfloat16 rounded to nearest even by integer ops, as torch rounds (NaN stays NaN)."""
-    bits = y.to(tl.uint32, bitcast=True)
-    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-    rounded = tl.where(y != y, 0x7FC0, rounded)
-    return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
 
 
 @triton.jit
@@ -161,7 +154,7 @@ def _scale_kernel(
     DTYPE: tl.constexpr,
     ACC: tl.constexpr,
     ALIGNED: tl.constexpr,
-    BF16_ROUND_BY_BITS: tl.constexpr,  # bfloat16 rounded by _float32_to_bfloat16_rne
+    BF16_ROUND_BY_BITS: tl.constexpr,  # bfloat16 rounded by float32_to_bfloat16_rne
     CHUNK: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
@@ -178,7 +171,7 @@ def _scale_kernel(
             x = tl.load(x_ptr + offsets, mask=offsets < size, other=0.0)
         y = x.to(ACC) * scale
         if BF16_ROUND_BY_BITS:
-            y = _float32_to_bfloat16_rne(y)
+            y = float32_to_bfloat16_rne(y)
         else:
             y = y.to(DTYPE)
         if full:
@@ -188,9 +181,6 @@ def _scale_kernel(
 
 
 # ----------------------------------------------------------------------------- host side
-
-def _interpreted() -> bool:
-    return not isinstance(_scale_kernel, triton.runtime.JITFunction)
 
 
 _tables: collections.OrderedDict = collections.OrderedDict()
@@ -239,7 +229,7 @@ def _check_list(tensors: list[torch.Tensor], op: str) -> None:
                              f"{first.dtype}; all must share one dtype")
     if first.dtype not in _TL_DTYPES:
         raise TypeError(f"{op} (triton): tensors must have a floating-point dtype, got {first.dtype}")
-    if first.device.type == "cpu" and not _interpreted():
+    if first.device.type == "cpu" and not interpreted():
         raise RuntimeError(f"{op} (triton): CPU tensors need the Triton interpreter "
                            "(TRITON_INTERPRET=1 set before fusedreg.triton is imported)")
 
@@ -269,7 +259,7 @@ def _device_context(device: torch.device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
-@torch.library.impl("fusedreg::grad_norm_pow_triton", ("CPU", "CUDA"))
+@registered_as("grad_norm_pow_triton")
 def grad_norm_pow(tensors: list[torch.Tensor], norm_type: float) -> torch.Tensor:
     """Returns a 0-dim tensor on the tensors' device, float32 (float64 for float64 tensors): the sum
     of |x|^norm_type over all elements of all tensors (max |x| for inf; 0 without elements).
@@ -300,7 +290,7 @@ def grad_norm_pow(tensors: list[torch.Tensor], norm_type: float) -> torch.Tensor
     return out
 
 
-@torch.library.impl("fusedreg::multi_tensor_scale__triton", ("CPU", "CUDA"))
+@registered_as("multi_tensor_scale__triton")
 def multi_tensor_scale_(tensors: list[torch.Tensor], scale: torch.Tensor) -> None:
     """x = x * scale for every tensor, in float32 (float64 for float64 tensors) rounded once.
     tensors: non-empty, one device and floating dtype; scale: one float32 or float64 element on
@@ -333,5 +323,5 @@ def multi_tensor_scale_(tensors: list[torch.Tensor], scale: torch.Tensor) -> Non
             ALIGNED=aligned,
             # The interpreter's float32 -> bfloat16 cast truncates; compiled kernels round to
             # nearest even in hardware, as torch does.
-            BF16_ROUND_BY_BITS=first.dtype == torch.bfloat16 and _interpreted(),
+            BF16_ROUND_BY_BITS=first.dtype == torch.bfloat16 and interpreted(),
             CHUNK=_CHUNK, BLOCK=_BLOCK, num_warps=_NUM_WARPS)

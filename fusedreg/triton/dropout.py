@@ -27,19 +27,12 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import float32_to_bfloat16_rne, interpreted, registered_as
+
 __all__ = ["dropout_fwd", "dropout_fwd_", "dropout_bwd", "dropout_add_fwd"]
 
 _ELEMS_PER_PROGRAM = 2048
 _NUM_WARPS = 4
-
-
-@triton.jit
-def _float32_to_bfloat16_rne(y):
-    """float32 -> bfloat16 rounded to nearest even by integer ops, as torch rounds (NaN stays NaN)."""
-    bits = y.to(tl.uint32, bitcast=True)
-    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-    rounded = tl.where(y != y, 0x7FC0, rounded)
-    return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
 
 
 @triton.jit
@@ -71,7 +64,7 @@ def _dropout_kernel(
     INDEX_32: tl.constexpr,      # n < 2**31: bias indices by 32-bit multiply-high division
     DROP_ALL: tl.constexpr,      # p == 1: every element dropped, no Philox words needed
     FP64: tl.constexpr,          # math in float64 (float64 data) instead of float32
-    BF16_ROUND_BY_BITS: tl.constexpr,  # bfloat16 output rounded by _float32_to_bfloat16_rne
+    BF16_ROUND_BY_BITS: tl.constexpr,  # bfloat16 output rounded by float32_to_bfloat16_rne
     ROWS: tl.constexpr,          # tile rows per program
     GROUPS_PER_ROW: tl.constexpr,  # groups of 4 elements per tile row: 16 bytes of data per row
 ):
@@ -115,12 +108,9 @@ def _dropout_kernel(
     if HAS_RESIDUAL:
         y = tl.load(residual_ptr + offsets, mask=in_range, other=0.0).to(math_ty) + y
     if BF16_ROUND_BY_BITS:
-        y = _float32_to_bfloat16_rne(y)
+        y = float32_to_bfloat16_rne(y)
     tl.store(out_ptr + offsets, y.to(out_ptr.dtype.element_ty), mask=in_range)
 
-
-def _interpreted() -> bool:
-    return not isinstance(_dropout_kernel, triton.runtime.JITFunction)
 
 
 def _check_seed(seed: torch.Tensor, device: torch.device) -> None:
@@ -137,7 +127,7 @@ def _check_args(input: torch.Tensor, seed: torch.Tensor, p: float, name: str) ->
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
     _check_seed(seed, input.device)
-    if input.device.type == "cpu" and not _interpreted():
+    if input.device.type == "cpu" and not interpreted():
         raise RuntimeError(f"dropout (triton): {name} is a CPU tensor, which needs the Triton interpreter "
                            "(TRITON_INTERPRET=1 set before fusedreg.triton is imported)")
 
@@ -188,23 +178,14 @@ def _launch(x: torch.Tensor, out: torch.Tensor, seed: torch.Tensor, p: float,
             DROP_ALL=p == 1.0, FP64=out.dtype == torch.float64,
             # The interpreter's float32 -> bfloat16 cast truncates; compiled kernels round to
             # nearest even in hardware (cvt.rn), as torch does.
-            BF16_ROUND_BY_BITS=out.dtype == torch.bfloat16 and _interpreted(),
+            BF16_ROUND_BY_BITS=out.dtype == torch.bfloat16 and interpreted(),
             ROWS=rows, GROUPS_PER_ROW=groups_per_row, num_warps=_NUM_WARPS,
             # (x + bias) * scale + residual must not become one FMA: the reference rounds twice.
             enable_fp_fusion=False,
         )
 
 
-def _registered_as(op_name: str):
-    """Registers the decorated function as fusedreg::<op_name> for CPU and CUDA tensors and keeps it
-    importable under its own name (torch.library.impl's decorator returns None)."""
-    def register(fn):
-        torch.library.impl(f"fusedreg::{op_name}", ("CPU", "CUDA"), fn)
-        return fn
-    return register
-
-
-@_registered_as("dropout_fwd_triton")
+@registered_as("dropout_fwd_triton")
 def dropout_fwd(input: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
     """input * keep / (1 - p) in input's dtype, laid out as torch.empty_like(input)."""
     _check_args(input, seed, p, "input")
@@ -213,7 +194,7 @@ def dropout_fwd(input: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tens
     return out
 
 
-@_registered_as("dropout_fwd__triton")
+@registered_as("dropout_fwd__triton")
 def dropout_fwd_(input: torch.Tensor, seed: torch.Tensor, p: float) -> None:
     """In place, with the mask dropout_fwd would use (a dense input is its own output layout)."""
     _check_args(input, seed, p, "input")
@@ -224,7 +205,7 @@ def dropout_fwd_(input: torch.Tensor, seed: torch.Tensor, p: float) -> None:
         input.copy_(dropout_fwd(input, seed, p))
 
 
-@_registered_as("dropout_bwd_triton")
+@registered_as("dropout_bwd_triton")
 def dropout_bwd(grad: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
     """grad * keep / (1 - p); grad must be in the forward output's layout to get its mask."""
     _check_args(grad, seed, p, "grad")
@@ -233,7 +214,7 @@ def dropout_bwd(grad: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tenso
     return out
 
 
-@_registered_as("dropout_add_fwd_triton")
+@registered_as("dropout_add_fwd_triton")
 def dropout_add_fwd(input: torch.Tensor, residual: torch.Tensor, bias: torch.Tensor | None,
                     seed: torch.Tensor, p: float) -> torch.Tensor:
     """residual + dropout(input + bias), adds and product in fp32 (fp64 for float64) with one final
