@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import interpreted, registered_as
+
 __all__ = ["philox4x32"]
 
 _BLOCK_ROWS = 128
@@ -74,12 +76,12 @@ def _check_args(counter: torch.Tensor, key: torch.Tensor) -> None:
     if key.device != counter.device:
         raise ValueError(f"_philox4x32_triton: key must be on counter's device ({counter.device}), "
                          f"got {key.device}")
-    if counter.device.type == "cpu" and isinstance(_philox4x32_kernel, triton.runtime.JITFunction):
+    if counter.device.type == "cpu" and not interpreted():
         raise RuntimeError("_philox4x32_triton: CPU tensors need the Triton interpreter "
                            "(TRITON_INTERPRET=1 set before fusedreg.triton is imported)")
 
 
-@torch.library.impl("fusedreg::_philox4x32_triton", ("CPU", "CUDA"))
+@registered_as("_philox4x32_triton")
 def philox4x32(counter: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
     """Philox4x32-10 of each row of counter under the matching row of key, by tl.philox."""
     _check_args(counter, key)
