@@ -15,12 +15,14 @@ single-tensor path:
 A nonzero `found_inf` leaves every tensor unchanged; it is applied with `torch.where`, not a
 Python branch, so no value is read back to the host.
 
-Numerics, and the deliberate difference from PyTorch: everything is computed in float32 (float64
+Numerics, and the deliberate difference from PyTorch: every element is computed in float32 (float64
 for float64 parameters) and each tensor is rounded to its own dtype once, at the end. PyTorch's
 AdamW on bfloat16/float16 parameters rounds after every operation instead, so on low-precision
-parameters this is at least as accurate, not bitwise equal. The hyperparameters arrive as float32
-(the schema's `hparams`), and the per-tensor scalars (bias corrections, step size) are computed in
-that same precision, where PyTorch computes them in Python float64 and rounds them to float32.
+parameters this is at least as accurate, not bitwise equal. The per-tensor scalars (1 - lr * wd,
+1 - beta1, 1 - beta2, lr / (1 - beta1**t), sqrt(1 - beta2**t), eps) are computed in float64 from
+the float64 `hparams` row and the step, as PyTorch computes them in Python floats, and rounded to
+the math dtype once; on float32 parameters the result is then PyTorch's single-tensor AdamW
+operation for operation.
 """
 from __future__ import annotations
 
@@ -47,8 +49,15 @@ def adamw_step_(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs:
     """One AdamW step; mutates params, exp_avgs, exp_avg_sqs (and max_exp_avg_sqs if amsgrad)."""
     for i, param in enumerate(params):
         dtype = _compute_dtype(param)
-        lr, beta1, beta2, weight_decay, eps = hparams[i].to(dtype).unbind()
-        step = steps[i].reshape(()).to(dtype)
+        # float64 scalars, as torch's Python floats, rounded to the math dtype once (no host sync)
+        lr, beta1, beta2, weight_decay, eps = hparams[i].to(torch.float64).unbind()
+        step = steps[i].reshape(()).to(torch.float64)
+        decay = (1 - lr * weight_decay).to(dtype)
+        lerp_weight = (1 - beta1).to(dtype)
+        step_size = (lr / (1 - beta1 ** step)).to(dtype)
+        bias_correction2_sqrt = (1 - beta2 ** step).sqrt().to(dtype)
+        one_minus_beta2 = (1 - beta2).to(dtype)
+        beta2, eps = beta2.to(dtype), eps.to(dtype)
 
         grad = grads[i].to(dtype)
         scale = _scalar(grad_scale, dtype)
@@ -60,18 +69,15 @@ def adamw_step_(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs:
         if maximize:
             grad = -grad
 
-        p = param.to(dtype) * (1 - lr * weight_decay)
-        m = exp_avgs[i].to(dtype).lerp(grad, 1 - beta1)
-        v = exp_avg_sqs[i].to(dtype) * beta2 + (1 - beta2) * grad * grad
+        p = param.to(dtype) * decay
+        m = exp_avgs[i].to(dtype).lerp(grad, lerp_weight)
+        v = exp_avg_sqs[i].to(dtype) * beta2 + one_minus_beta2 * grad * grad
         v_for_denom = v
         if amsgrad:
             v_max = torch.maximum(max_exp_avg_sqs[i].to(dtype), v)
             v_for_denom = v_max
 
-        bias_correction1 = 1 - beta1 ** step
-        bias_correction2 = 1 - beta2 ** step
-        step_size = lr / bias_correction1
-        denom = v_for_denom.sqrt() / bias_correction2.sqrt() + eps
+        denom = v_for_denom.sqrt() / bias_correction2_sqrt + eps
         p = p - step_size * m / denom
 
         updates = [(param, p), (exp_avgs[i], m), (exp_avg_sqs[i], v)]

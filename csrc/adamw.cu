@@ -1,0 +1,223 @@
+// CUDA kernel of fusedreg::adamw_step_: one AdamW step over a list of tensors in one launch.
+//
+// Algorithm: multi-tensor apply (csrc/common/multi_tensor.cuh). The lists (params, grads, exp_avgs,
+// exp_avg_sqs, and max_exp_avg_sqs with amsgrad: Depth 4 or 5) are cut into 65536-element chunks,
+// and one block updates one chunk in a single pass: read p, g, m, v (max_v), update in fp32 (fp64
+// for float64 params) by adamw_moments/adamw_param (adamw.h, shared with the CPU kernel), write
+// each back rounded once. That is 28 bytes per fp32 parameter (36 with amsgrad), the floor; with
+// 16-byte vector accesses when every operand of the chunk is aligned, else a scalar loop.
+//
+// Nothing is read on the host, so the op can be captured in a CUDA graph: each block reads its
+// tensor's step and hparams row, grad_scale, found_inf and clip_coef from device memory and
+// computes the per-tensor scalars (bias corrections in double, like torch's Python floats). A
+// nonzero found_inf makes every block return before touching memory. The step tensors are
+// separate allocations: the launch argument holds, per table slot, the step's offset in floats
+// from steps[0] (one launch, no gather); steps too far apart for int32 offsets are first gathered
+// into one tensor by at::stack (a rare extra launch, still no sync).
+//
+// Trade-off: every thread recomputes the per-tensor scalars (two double pow calls) instead of one
+// thread sharing them through shared memory and a barrier; it costs ~1% of a chunk's time and
+// keeps blocks free of synchronization.
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#include "adamw.h"
+#include "common/multi_tensor.cuh"
+#include "common/vec.cuh"
+
+namespace fusedreg {
+namespace {
+
+constexpr int64_t kAdamWChunkSize = 65536;
+constexpr int kAdamWThreads = 512;
+constexpr int kMaxSlots = MultiTensorTable<4>::kMaxTensors;
+
+// Everything a launch needs besides the chunk table; by value, as a __grid_constant__ argument.
+struct AdamWLaunchArgs {
+  const double* hparams;      // [n, 5] rows (lr, beta1, beta2, weight_decay, eps)
+  const float* step_base;     // the step of the tensor in table slot k: step_base[step_offset[k]]
+  ScalarRef grad_scale;       // optional
+  ScalarRef found_inf;        // optional
+  ScalarRef clip_coef;        // optional
+  bool maximize;
+  int32_t step_offset[kMaxSlots];
+};
+
+static_assert(sizeof(MultiTensorTable<5>) + sizeof(AdamWLaunchArgs) <= kMaxKernelParamBytes,
+              "chunk table + launch arguments exceed the kernel-argument limit");
+
+// Vector width in elements: 16 bytes of the narrower of the two storage types (bfloat16 params
+// with float32 states: 8 elements, 16 bytes of params and 2 x 16 bytes of each state).
+template <typename param_t, typename state_t>
+constexpr int vec_elems() {
+  return vec_size<param_t>() > vec_size<state_t>() ? vec_size<param_t>() : vec_size<state_t>();
+}
+
+template <bool kAmsgrad, bool kDivideGrad, typename acc, typename param_t, typename state_t>
+__device__ __forceinline__ void adamw_update(param_t& p, const param_t& g, state_t& m, state_t& v, state_t& vmax,
+                                             const AdamWScalars<acc>& s) {
+  acc param = static_cast<acc>(p);
+  acc exp_avg = static_cast<acc>(m);
+  acc exp_avg_sq = static_cast<acc>(v);
+  acc max_exp_avg_sq = kAmsgrad ? static_cast<acc>(vmax) : acc(0);
+  const acc second = adamw_moments<kAmsgrad, kDivideGrad>(param, static_cast<acc>(g), exp_avg, exp_avg_sq,
+                                                          max_exp_avg_sq, s);
+  p = static_cast<param_t>(adamw_param(param, exp_avg, sqrt(second), s));
+  m = static_cast<state_t>(exp_avg);
+  v = static_cast<state_t>(exp_avg_sq);
+  if constexpr (kAmsgrad) vmax = static_cast<state_t>(max_exp_avg_sq);
+}
+
+// One chunk of `size` elements: vectors of N elements strided over the block, then the ragged tail
+// (or everything, when an operand is misaligned) one element per thread and step.
+template <bool kAmsgrad, bool kDivideGrad, typename acc, typename param_t, typename state_t>
+__device__ __forceinline__ void adamw_chunk(param_t* __restrict__ p, const param_t* __restrict__ g,
+                                            state_t* __restrict__ m, state_t* __restrict__ v,
+                                            state_t* __restrict__ vmax, int size, const AdamWScalars<acc>& s) {
+  constexpr int N = vec_elems<param_t, state_t>();
+  constexpr int kParamBytes = N * sizeof(param_t), kStateBytes = N * sizeof(state_t);
+  const bool aligned = is_aligned(p, kParamBytes) && is_aligned(g, kParamBytes) && is_aligned(m, kStateBytes) &&
+                       is_aligned(v, kStateBytes) && (!kAmsgrad || is_aligned(vmax, kStateBytes));
+  int first_scalar = 0;
+  if (aligned) {
+    const int n_vec = size / N;
+    for (int i = threadIdx.x; i < n_vec; i += kAdamWThreads) {
+      AlignedVec<param_t, N> pv = load_vec<N>(p + i * N);
+      const AlignedVec<param_t, N> gv = load_vec<N>(g + i * N);
+      AlignedVec<state_t, N> mv = load_vec<N>(m + i * N);
+      AlignedVec<state_t, N> vv = load_vec<N>(v + i * N);
+      AlignedVec<state_t, N> xv;
+      if constexpr (kAmsgrad) xv = load_vec<N>(vmax + i * N);
+#pragma unroll
+      for (int j = 0; j < N; ++j) {
+        adamw_update<kAmsgrad, kDivideGrad>(pv.val[j], gv.val[j], mv.val[j], vv.val[j], xv.val[j], s);
+      }
+      store_vec<N>(p + i * N, pv);
+      store_vec<N>(m + i * N, mv);
+      store_vec<N>(v + i * N, vv);
+      if constexpr (kAmsgrad) store_vec<N>(vmax + i * N, xv);
+    }
+    first_scalar = n_vec * N;
+  }
+  for (int i = first_scalar + threadIdx.x; i < size; i += kAdamWThreads) {
+    state_t unused;
+    adamw_update<kAmsgrad, kDivideGrad>(p[i], g[i], m[i], v[i], kAmsgrad ? vmax[i] : unused, s);
+  }
+}
+
+// Two blocks per SM (<= 64 registers) keep enough loads in flight; float64 with amsgrad would spill
+// there, and it is rare enough to run at one block per SM.
+template <typename param_t>
+constexpr int min_blocks_per_sm() {
+  return std::is_same_v<param_t, double> ? 1 : 2;
+}
+
+template <int Depth, typename param_t, typename state_t>
+__global__ void __launch_bounds__(kAdamWThreads, min_blocks_per_sm<param_t>())
+    adamw_kernel(const __grid_constant__ MultiTensorTable<Depth> table, const __grid_constant__ AdamWLaunchArgs args) {
+  constexpr bool kAmsgrad = Depth == 5;
+  using acc = acc_t<param_t>;
+  if (args.found_inf.ptr != nullptr && args.found_inf.read() != 0.0) return;
+  const MultiTensorChunk chunk = table.chunk_of(static_cast<int>(blockIdx.x));
+  const AdamWScalars<acc> s = adamw_scalars<acc>(
+      args.hparams + chunk.tensor * kAdamWHparams, args.step_base[args.step_offset[chunk.slot]],
+      args.grad_scale.ptr != nullptr ? args.grad_scale.read() : 1.0,
+      args.clip_coef.ptr != nullptr ? args.clip_coef.read() : 1.0, args.maximize);
+  param_t* p = table.template chunk_data<param_t>(0, chunk);
+  const param_t* g = table.template chunk_data<const param_t>(1, chunk);
+  state_t* m = table.template chunk_data<state_t>(2, chunk);
+  state_t* v = table.template chunk_data<state_t>(3, chunk);
+  state_t* vmax = kAmsgrad ? table.template chunk_data<state_t>(Depth - 1, chunk) : nullptr;
+  const int size = static_cast<int>(chunk.size);
+  if (s.grad_divide) {
+    adamw_chunk<kAmsgrad, true>(p, g, m, v, vmax, size, s);
+  } else {
+    adamw_chunk<kAmsgrad, false>(p, g, m, v, vmax, size, s);
+  }
+}
+
+// Where each tensor's step lives, as float offsets from one base pointer: from steps[0] when every
+// step is within int32 reach of it (the usual case: small tensors share allocator segments), else
+// from a tensor gathering them (returned in `gathered`, which must outlive the launches).
+const float* step_offsets(at::TensorList steps, std::vector<int32_t>& offsets, at::Tensor& gathered) {
+  const auto base = reinterpret_cast<intptr_t>(steps[0].const_data_ptr<float>());
+  offsets.resize(steps.size());
+  bool fits = true;
+  for (size_t i = 0; i < steps.size() && fits; ++i) {
+    const intptr_t bytes = reinterpret_cast<intptr_t>(steps[i].const_data_ptr<float>()) - base;
+    const intptr_t floats = bytes / static_cast<intptr_t>(sizeof(float));
+    fits = bytes % static_cast<intptr_t>(sizeof(float)) == 0 && floats >= std::numeric_limits<int32_t>::min() &&
+           floats <= std::numeric_limits<int32_t>::max();
+    offsets[i] = static_cast<int32_t>(floats);
+  }
+  if (fits) return steps[0].const_data_ptr<float>();
+  std::vector<at::Tensor> flat;
+  flat.reserve(steps.size());
+  for (const at::Tensor& step : steps) flat.push_back(step.reshape({1}));
+  gathered = at::cat(flat);
+  for (size_t i = 0; i < steps.size(); ++i) offsets[i] = static_cast<int32_t>(i);
+  return gathered.const_data_ptr<float>();
+}
+
+template <int Depth, typename param_t, typename state_t>
+void launch_adamw(const std::array<at::TensorList, Depth>& lists, at::TensorList steps, AdamWLaunchArgs args) {
+  std::vector<int32_t> offsets;
+  at::Tensor gathered;
+  args.step_base = step_offsets(steps, offsets, gathered);
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  for_each_table<Depth>(lists, kAdamWChunkSize, [&](const MultiTensorTable<Depth>& table) {
+    for (int slot = 0; slot < table.num_tensors; ++slot) args.step_offset[slot] = offsets[table.tensor_index[slot]];
+    adamw_kernel<Depth, param_t, state_t><<<table.num_blocks, kAdamWThreads, 0, stream>>>(table, args);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+// Contract: one AdamW step (torch.optim.AdamW's math in fp32 for float32/float16/bfloat16 params,
+// fp64 for float64 params) over CUDA tensors of one device; see fusedreg/_library.py for the
+// arguments. Mutates params, exp_avgs, exp_avg_sqs and, when amsgrad, max_exp_avg_sqs, each element
+// rounded once to its dtype; returns nothing. grads have the params' dtype; states the params'
+// dtype or, for float16/bfloat16 params, float32. Steps, hparams, grad_scale, found_inf and
+// clip_coef are read on the device (no host sync; capturable in a CUDA graph); a nonzero found_inf
+// leaves everything untouched. One launch per 256 tensors (or ~17k chunks), on the current stream.
+void adamw_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                     at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList steps,
+                     const at::Tensor& hparams, bool amsgrad, bool maximize,
+                     const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                     const std::optional<at::Tensor>& clip_coef) {
+  const at::ScalarType state_dtype = check_adamw_args(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
+                                                      steps, hparams, amsgrad, at::kCUDA);
+  const at::Device device = params[0].device();
+  const c10::cuda::CUDAGuard guard(device);
+  AdamWLaunchArgs args{};
+  args.hparams = hparams.const_data_ptr<double>();
+  args.grad_scale = adamw_scalar_ref(grad_scale, device, "grad_scale");
+  args.found_inf = adamw_scalar_ref(found_inf, device, "found_inf");
+  args.clip_coef = adamw_scalar_ref(clip_coef, device, "clip_coef");
+  args.maximize = maximize;
+
+  adamw_dispatch_types(params[0].scalar_type(), state_dtype, [&](auto param_tag, auto state_tag) {
+    using param_t = decltype(param_tag);
+    using state_t = decltype(state_tag);
+    if (amsgrad) {
+      launch_adamw<5, param_t, state_t>({params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs}, steps, args);
+    } else {
+      launch_adamw<4, param_t, state_t>({params, grads, exp_avgs, exp_avg_sqs}, steps, args);
+    }
+  });
+}
+
+}  // namespace
+}  // namespace fusedreg
+
+TORCH_LIBRARY_IMPL(fusedreg, CUDA, m) {
+  m.impl("adamw_step_", &fusedreg::adamw_step_cuda);
+}
