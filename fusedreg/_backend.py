@@ -156,7 +156,15 @@ def select(device: torch.device | str, backend: str | None = None) -> str:
     return _resolve(device.type, name)
 
 
-@torch.compiler.assume_constant_result
+def _assume_constant_result(fn):
+    """torch.compiler.assume_constant_result without its cost: the public decorator imports
+    torch._dynamo (over a second) only to set this attribute, and `import fusedreg` must stay cheap.
+    tests/test_backend.py checks that torch.compile still treats the result as a constant."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@_assume_constant_result
 def _resolve(device_type: str, name: str) -> str:
     device = torch.device(device_type)
     if name != "auto":
