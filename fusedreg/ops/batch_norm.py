@@ -18,6 +18,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from .. import _backend
+from .._layout import is_dense
 from ..reference import batch_norm as reference
 from ._dispatch import kernel
 
@@ -29,20 +30,9 @@ def stats_dtype(input: torch.Tensor) -> torch.dtype:
     return torch.float64 if input.dtype == torch.float64 else torch.float32
 
 
-def _is_non_overlapping_and_dense(t: torch.Tensor) -> bool:
-    if t.numel() <= 1:
-        return True
-    expected = 1
-    for stride, size in sorted((st, s) for s, st in zip(t.shape, t.stride()) if s != 1):
-        if stride != expected:
-            return False
-        expected *= size
-    return True
-
-
 def dense(input: torch.Tensor) -> torch.Tensor:
     """`input` itself when non-overlapping and dense (any dim order), else a contiguous copy."""
-    return input if _is_non_overlapping_and_dense(input) else input.contiguous()
+    return input if is_dense(input) else input.contiguous()
 
 
 def _same_strides(a: torch.Tensor, b: torch.Tensor) -> bool:

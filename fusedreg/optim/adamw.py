@@ -38,6 +38,7 @@ import torch
 from torch.optim import Optimizer
 
 from .. import _backend
+from .._layout import is_dense
 from ..ops._dispatch import kernel
 from ..reference import adamw as reference
 from ..utils.clip import get_total_norm
@@ -117,19 +118,6 @@ def _device_row(values, device: torch.device) -> torch.Tensor:
         v.detach().reshape(()).to(device=device, dtype=torch.float64, non_blocking=True)
         if isinstance(v, torch.Tensor) else torch.full((), float(v), dtype=torch.float64, device=device)
         for v in values])
-
-
-def _is_dense(t: torch.Tensor) -> bool:
-    """Non-overlapping and dense: the elements fill one block of memory exactly once, in some
-    order of the dimensions (contiguous, channels_last, any permutation)."""
-    if t.is_contiguous():
-        return True
-    expected = 1
-    for stride, size in sorted((st, sz) for sz, st in zip(t.shape, t.stride()) if sz != 1):
-        if stride != expected:
-            return False
-        expected *= size
-    return True
 
 
 def _step_tensor(value, device: torch.device) -> torch.Tensor:
@@ -382,7 +370,7 @@ class AdamW(Optimizer):
         in another layout (or dtype) by a copy in the parameter's; moments in another layout are
         re-laid out in the state for good (they are the optimizer's own)."""
         param = p
-        if not _is_dense(p):
+        if not is_dense(p):
             param = torch.empty_like(p).copy_(p)  # contiguous: empty_like of a non-dense tensor
             bucket.writebacks.append((p, param))
         layout = param.stride()

@@ -37,6 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._layout import is_dense
 from ._common import float32_to_bfloat16_rne, interpreted, registered_as
 
 __all__ = ["grad_norm_pow", "multi_tensor_scale_"]
@@ -234,19 +235,6 @@ def _check_list(tensors: list[torch.Tensor], op: str) -> None:
                            "(TRITON_INTERPRET=1 set before fusedreg.triton is imported)")
 
 
-def _is_dense(t: torch.Tensor) -> bool:
-    """Non-overlapping and dense: the elements fill [data_ptr, data_ptr + numel) exactly once
-    (contiguous, channels_last or any permutation), so a chunk may walk memory linearly."""
-    if t.is_contiguous():
-        return True
-    expected = 1
-    for stride, size in sorted((st, n) for n, st in zip(t.shape, t.stride()) if n != 1):
-        if stride != expected:
-            return False
-        expected *= size
-    return True
-
-
 def _double_bits(value: float) -> int:
     return struct.unpack("q", struct.pack("d", float(value)))[0]
 
@@ -271,7 +259,7 @@ def grad_norm_pow(tensors: list[torch.Tensor], norm_type: float) -> torch.Tensor
     first = tensors[0]
     acc = _acc_dtype(first.dtype)
     out = torch.empty((), dtype=acc, device=first.device)
-    dense = [t if _is_dense(t) else t.contiguous() for t in tensors if t.numel()]
+    dense = [t if is_dense(t) else t.contiguous() for t in tensors if t.numel()]
     if not dense:
         return out.zero_()
     kind = (_KIND_INF if math.isinf(norm_type) else _KIND_L2 if norm_type == 2.0
@@ -309,7 +297,7 @@ def multi_tensor_scale_(tensors: list[torch.Tensor], scale: torch.Tensor) -> Non
     for t in tensors:
         if t.numel() == 0:
             continue
-        if _is_dense(t):
+        if is_dense(t):
             dense.append(t)
         else:
             t.copy_(t.to(acc) * scale)
