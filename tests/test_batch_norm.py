@@ -446,8 +446,6 @@ ERROR_CASES = {
     "running_mean_without_var": lambda f: f(torch.randn(4, C), torch.zeros(C), None, training=True),
     "eps_zero_training": lambda f: f(torch.randn(4, C), None, None, training=True, eps=0.0),
     "eps_negative": lambda f: f(torch.randn(4, C), torch.zeros(C), torch.ones(C), eps=-1e-5),
-    "momentum_none": lambda f: f(torch.randn(4, C), torch.zeros(C), torch.ones(C), training=True,
-                                 momentum=None),
 }
 
 
@@ -455,6 +453,24 @@ ERROR_CASES = {
 def test_functional_errors_like_torch(case):
     _raises_like_torch(lambda: ERROR_CASES[case](fusedreg.batch_norm),
                        lambda: ERROR_CASES[case](F.batch_norm))
+
+
+def test_functional_momentum_none_is_a_cumulative_average():
+    """API.md: momentum=None averages over all batches, counted in num_batches_tracked."""
+    theirs = torch.nn.BatchNorm1d(C, momentum=None)
+    mean, var, count = torch.zeros(C), torch.ones(C), torch.tensor(0)
+    for _ in range(3):
+        x = torch.randn(6, C)
+        theirs(x)
+        fusedreg.batch_norm(x, mean, var, training=True, momentum=None, num_batches_tracked=count)
+    assert count.item() == 3
+    _close(mean, theirs.running_mean)
+    _close(var, theirs.running_var)
+    with pytest.raises(TypeError, match="num_batches_tracked"):
+        fusedreg.batch_norm(x, mean, var, training=True, momentum=None)
+    assert count.item() == 3
+    _close(fusedreg.batch_norm(x, None, None, training=True, momentum=None),
+           F.batch_norm(x, None, None, training=True))
 
 
 def test_what_torch_accepts_is_accepted():

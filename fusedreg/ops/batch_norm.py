@@ -122,10 +122,6 @@ def check_args(input, running_mean, running_var, weight, bias, training, momentu
     """F.batch_norm's argument checks with its messages (and exception types)."""
     if input.dim() < 2:
         raise RuntimeError(f"batch_norm expects an input of shape (N, C, *), got {tuple(input.shape)}")
-    if momentum is None:
-        raise TypeError("batch_norm(): argument 'momentum' must be float, not NoneType "
-                        "(the cumulative average needs a batch count: pass 1 / num_batches, or use "
-                        "fusedreg.nn.BatchNorm*d(momentum=None), which keeps num_batches_tracked)")
     if training:
         verify_batch_size(input)
     if training and eps <= 0.0:
@@ -147,10 +143,24 @@ def check_args(input, running_mean, running_var, weight, bias, training, momentu
 
 def batch_norm(input: torch.Tensor, running_mean: torch.Tensor | None, running_var: torch.Tensor | None,
                weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,
-               training: bool = False, momentum: float = 0.1, eps: float = 1e-5, *,
+               training: bool = False, momentum: float | None = 0.1, eps: float = 1e-5, *,
+               num_batches_tracked: torch.Tensor | None = None,
                backend: str | None = None) -> torch.Tensor:
     """torch.nn.functional.batch_norm's contract (arguments, errors, running-stat update in place,
-    biased variance to normalize, unbiased into running_var) computed by fused kernels."""
-    check_args(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    biased variance to normalize, unbiased into running_var) computed by fused kernels.
+
+    momentum=None means a cumulative average, as in the modules: it needs the batch count, passed
+    as `num_batches_tracked` (an integer tensor, incremented here for this batch, as the modules'
+    buffer is). Where no running statistics are updated, momentum is unused and None is fine."""
+    updates_stats = training and running_mean is not None
+    if momentum is None and updates_stats and num_batches_tracked is None:
+        raise TypeError("batch_norm(): momentum=None (cumulative average) needs the batch count: "
+                        "pass num_batches_tracked=<integer tensor>")
+    check_args(input, running_mean, running_var, weight, bias, training,
+               0.0 if momentum is None else momentum, eps)
+    if num_batches_tracked is not None and updates_stats:
+        num_batches_tracked.add_(1)
+    if momentum is None:
+        momentum = 1.0 / float(num_batches_tracked) if updates_stats else 0.0
     return BatchNormFunction.apply(input, weight, bias, running_mean, running_var, bool(training),
                                    momentum, eps, backend)
