@@ -26,6 +26,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "clip.h"
 #include "common/checks.h"
 #include "common/dispatch.h"
 #include "common/multi_tensor.cuh"
@@ -38,16 +39,6 @@ constexpr int kLanes = 16;
 // Fewest elements per at::parallel_for task: a list of small tensors runs inline on the calling
 // thread instead of waking the pool for microseconds of work.
 constexpr int64_t kMinTaskElements = 4 * kClipChunkSize;
-
-enum class NormKind { kL2, kL1, kInf, kP };
-
-NormKind norm_kind(double norm_type) {
-  TORCH_CHECK(norm_type > 0, "norm_type must be positive or inf, got ", norm_type);
-  if (std::isinf(norm_type)) return NormKind::kInf;
-  if (norm_type == 2.0) return NormKind::kL2;
-  if (norm_type == 1.0) return NormKind::kL1;
-  return NormKind::kP;
-}
 
 template <typename T>
 inline T nan_propagating_max(T a, T b) {

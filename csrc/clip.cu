@@ -26,6 +26,7 @@
 #include <cmath>
 #include <vector>
 
+#include "clip.h"
 #include "common/checks.h"
 #include "common/dispatch.h"
 #include "common/multi_tensor.cuh"
@@ -39,16 +40,6 @@ constexpr int64_t kClipChunkSize = 65536;
 constexpr int kClipBlock = 512;
 constexpr int kCombineBlock = 1024;
 constexpr int kUnroll = 4;  // 16-byte loads in flight per thread before any arithmetic
-
-enum class NormKind { kL2, kL1, kInf, kP };
-
-NormKind norm_kind(double norm_type) {
-  TORCH_CHECK(norm_type > 0, "norm_type must be positive or inf, got ", norm_type);
-  if (std::isinf(norm_type)) return NormKind::kInf;
-  if (norm_type == 2.0) return NormKind::kL2;
-  if (norm_type == 1.0) return NormKind::kL1;
-  return NormKind::kP;
-}
 
 // Additions that are never contracted into an fma with an inlined product, so the vector and the
 // scalar path (and every build) round identically.

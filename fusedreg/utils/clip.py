@@ -192,6 +192,16 @@ def _scale_grads(groups: _Groups, max_norm: float, total_norm: torch.Tensor, bac
         kernel("multi_tensor_scale_", name, reference)(group, coef.to(device, _accumulate_dtype(dtype)))
 
 
+def _checked_norm(tensors, norm_type, error_if_nonfinite, process_group, backend):
+    """(accumulated norm or None when there are no tensors, the (device, dtype) groups)."""
+    p = _check_norm_type(norm_type)
+    groups = _group(tensors)
+    norm = _accumulated_norm(tensors, groups, p, process_group, backend)
+    if norm is not None and error_if_nonfinite:
+        _check_finite(norm, p)
+    return norm, groups
+
+
 @torch.no_grad()
 def get_total_norm(tensors: _TensorOrTensors, norm_type: float | str = 2.0, error_if_nonfinite: bool = False,
                    foreach: bool | None = None, *, process_group=None, backend: str | None = None,
@@ -205,15 +215,9 @@ def get_total_norm(tensors: _TensorOrTensors, norm_type: float | str = 2.0, erro
     without tensors). Raises RuntimeError if error_if_nonfinite and the norm is nan or inf (the
     only case that waits for the device). `foreach` is ignored.
     """
-    p = _check_norm_type(norm_type)
     tensors = [tensors] if isinstance(tensors, torch.Tensor) else list(tensors)
-    groups = _group(tensors)
-    norm = _accumulated_norm(tensors, groups, p, process_group, backend)
-    if norm is None:
-        return torch.tensor(0.0)
-    if error_if_nonfinite:
-        _check_finite(norm, p)
-    return norm.to(_result_dtype(groups, norm_dtype))
+    norm, groups = _checked_norm(tensors, norm_type, error_if_nonfinite, process_group, backend)
+    return torch.tensor(0.0) if norm is None else norm.to(_result_dtype(groups, norm_dtype))
 
 
 @torch.no_grad()
@@ -245,7 +249,7 @@ def clip_grad_norm_(parameters: _TensorOrTensors, max_norm: float, norm_type: fl
     norm and applied with one multi-tensor launch per (device, dtype). No host sync unless
     error_if_nonfinite. `foreach` is ignored.
     """
-    p = _check_norm_type(norm_type)
+    _check_norm_type(norm_type)
     if isinstance(parameters, torch.Tensor):
         parameters = [parameters]
     else:
@@ -255,11 +259,8 @@ def clip_grad_norm_(parameters: _TensorOrTensors, max_norm: float, norm_type: fl
             warnings.warn("`parameters` is an empty generator, no gradient clipping will occur.",
                           stacklevel=3)
     grads = [param.grad for param in parameters if param.grad is not None]
-    groups = _group(grads)
-    norm = _accumulated_norm(grads, groups, p, process_group, backend)
+    norm, groups = _checked_norm(grads, norm_type, error_if_nonfinite, process_group, backend)
     if norm is None:
         return torch.tensor(0.0)
-    if error_if_nonfinite:
-        _check_finite(norm, p)
     _scale_grads(groups, max_norm, norm, backend)
     return norm.to(_result_dtype(groups, norm_dtype))
