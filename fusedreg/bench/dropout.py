@@ -30,11 +30,12 @@ def _reference_eager(x):
 
 def _compiled(wrap, x):
     # The backward-only timing replays one graph's backward (retain_graph=True), which compiled
-    # autograd refuses when it donates saved buffers; donation changes no kernel, only reuse.
+    # autograd refuses when it donates saved buffers. AOTAutograd decides that lazily, at the first
+    # backward, so donation is switched off for the run (it changes buffer reuse, not kernels).
     import torch._functorch.config as functorch_config
 
-    with functorch_config.patch(donated_buffer=False):
-        return wrap(torch.compile(lambda t: F.dropout(t, P)))(x)
+    functorch_config.donated_buffer = False
+    return wrap(torch.compile(lambda t: F.dropout(t, P)))(x)
 
 
 def _impls(wrap):
