@@ -121,14 +121,6 @@ int64_t grain_blocks(const MultiTensorTable<1>& table) {
   return std::max<int64_t>(1, (kMinTaskElements * table.num_blocks + elements - 1) / std::max<int64_t>(elements, 1));
 }
 
-void check_tensor_list(at::TensorList tensors) {
-  check_nonempty(tensors, "tensors");
-  check_device_type(tensors[0], at::kCPU, "tensors[0]");
-  check_same_device(tensors, "tensors");
-  check_same_dtype(tensors, "tensors");
-  check_floating(tensors[0], "tensors");
-}
-
 template <typename scalar_t, NormKind kKind>
 acc_t<scalar_t> pow_sum_cpu(at::TensorList tensors, double norm_type) {
   using acc = acc_t<scalar_t>;
@@ -156,7 +148,7 @@ acc_t<scalar_t> pow_sum_cpu(at::TensorList tensors, double norm_type) {
 // that are not non-overlapping and dense are read through a contiguous copy. NaN propagates.
 // Mutates nothing. Bitwise deterministic for given values and layouts, whatever the thread count.
 at::Tensor grad_norm_pow_cpu(at::TensorList tensors, double norm_type) {
-  check_tensor_list(tensors);
+  check_clip_tensors(tensors, at::kCPU);
   const NormKind kind = norm_kind(norm_type);
   const std::vector<at::Tensor> dense = dense_copies(tensors);
   const at::ScalarType dtype = tensors[0].scalar_type();
@@ -181,12 +173,8 @@ at::Tensor grad_norm_pow_cpu(at::TensorList tensors, double norm_type) {
 // Mutates the tensors in place (dense ones directly, others through a temporary); returns nothing.
 // scale == 1 returns at once: x * 1 == x for every x, NaN and inf included.
 void multi_tensor_scale_cpu(at::TensorList tensors, const at::Tensor& scale) {
-  check_tensor_list(tensors);
-  TORCH_CHECK(scale.defined() && scale.numel() == 1, "scale must have exactly one element, got shape ",
-              scale.sizes());
-  TORCH_CHECK(scale.scalar_type() == at::kFloat || scale.scalar_type() == at::kDouble,
-              "scale must have dtype float32 or float64, got ", scale.scalar_type());
-  check_device(scale, tensors[0].device(), "scale");
+  check_clip_tensors(tensors, at::kCPU);
+  check_clip_scale(scale, tensors);
   const at::ScalarType dtype = tensors[0].scalar_type();
   FUSEDREG_DISPATCH_FLOATING(dtype, "multi_tensor_scale_ (CPU)", [&] {
     using acc = acc_t<scalar_t>;

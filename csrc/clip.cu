@@ -136,14 +136,6 @@ std::vector<at::Tensor> dense_copies(at::TensorList tensors) {
   return dense;
 }
 
-void check_tensor_list(at::TensorList tensors) {
-  check_nonempty(tensors, "tensors");
-  check_device_type(tensors[0], at::kCUDA, "tensors[0]");
-  check_same_device(tensors, "tensors");
-  check_same_dtype(tensors, "tensors");
-  check_floating(tensors[0], "tensors");
-}
-
 // Contract: returns a 0-dim tensor on the tensors' device, float32 (float64 for float64 tensors):
 // the sum of |x|^norm_type over every element of every tensor, or max |x| for norm_type = inf (0
 // when there are no elements). tensors: a non-empty list of floating-point CUDA tensors of one
@@ -151,7 +143,7 @@ void check_tensor_list(at::TensorList tensors) {
 // copy. NaN propagates. Mutates nothing; no host sync. Bitwise deterministic for given values and
 // layouts.
 at::Tensor grad_norm_pow_cuda(at::TensorList tensors, double norm_type) {
-  check_tensor_list(tensors);
+  check_clip_tensors(tensors, at::kCUDA);
   const NormKind kind = norm_kind(norm_type);
   const c10::cuda::CUDAGuard guard(tensors[0].device());
   const std::vector<at::Tensor> dense = dense_copies(tensors);
@@ -215,12 +207,8 @@ struct ScaleFunctor {
 // that device, read by the kernel (no host sync). Mutates the tensors in place (dense ones in one
 // multi-tensor launch, others through a temporary); returns nothing.
 void multi_tensor_scale_cuda(at::TensorList tensors, const at::Tensor& scale) {
-  check_tensor_list(tensors);
-  TORCH_CHECK(scale.defined() && scale.numel() == 1, "scale must have exactly one element, got shape ",
-              scale.sizes());
-  TORCH_CHECK(scale.scalar_type() == at::kFloat || scale.scalar_type() == at::kDouble,
-              "scale must have dtype float32 or float64, got ", scale.scalar_type());
-  check_device(scale, tensors[0].device(), "scale");
+  check_clip_tensors(tensors, at::kCUDA);
+  check_clip_scale(scale, tensors);
   const c10::cuda::CUDAGuard guard(tensors[0].device());
   const at::ScalarType dtype = tensors[0].scalar_type();
   const at::ScalarType acc_dtype = dtype == at::kDouble ? at::kDouble : at::kFloat;
