@@ -6,11 +6,37 @@ isinstance(m, torch.nn.BatchNorm2d) holds. Only forward differs, and only in wha
 """
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 from ..ops.batch_norm import batch_norm
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
+
+# torch's BatchNorm modules take `bias=` from torch 2.12 on; on older torch the keyword is
+# emulated: the torch constructor builds an affine module and the bias is dropped afterwards.
+_TORCH_TAKES_BIAS = "bias" in inspect.signature(torch.nn.modules.batchnorm._NormBase.__init__).parameters
+
+
+def torch_bias_kwargs(bias: bool) -> dict:
+    """The `bias=` keyword for the torch BatchNorm constructor, where the running torch has it."""
+    return {"bias": bias} if _TORCH_TAKES_BIAS else {}
+
+
+def finish_bias(module: torch.nn.modules.batchnorm._NormBase, bias: bool) -> None:
+    """After the torch constructor: drop the bias (as torch >= 2.12 does) when bias=False."""
+    if not bias and module.affine and not _TORCH_TAKES_BIAS:
+        module.register_parameter("bias", None)
+
+
+def reset_bias_aware(module: torch.nn.modules.batchnorm._NormBase) -> None:
+    """torch's reset_parameters, tolerating bias=None on torch versions without `bias=`."""
+    module.reset_running_stats()
+    if module.affine:
+        torch.nn.init.ones_(module.weight)
+        if module.bias is not None:
+            torch.nn.init.zeros_(module.bias)
 
 
 def exponential_average_factor(module: torch.nn.modules.batchnorm._BatchNorm) -> float:
@@ -39,8 +65,12 @@ def running_buffers(module: torch.nn.modules.batchnorm._BatchNorm):
 class _FusedBatchNorm:
     """The forward shared by BatchNorm1d/2d/3d; mixed in before the torch class."""
 
-    def _init_backend(self, backend: str | None) -> None:
+    def _init_fused(self, bias: bool, backend: str | None) -> None:
+        finish_bias(self, bias)
         self.backend = backend
+
+    def reset_parameters(self) -> None:
+        reset_bias_aware(self)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(input)
@@ -57,8 +87,8 @@ class BatchNorm1d(_FusedBatchNorm, torch.nn.BatchNorm1d):
                  affine: bool = True, track_running_stats: bool = True, device=None, dtype=None, *,
                  bias: bool = True, backend: str | None = None):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype,
-                         bias=bias)
-        self._init_backend(backend)
+                         **torch_bias_kwargs(bias))
+        self._init_fused(bias, backend)
 
 
 class BatchNorm2d(_FusedBatchNorm, torch.nn.BatchNorm2d):
@@ -68,8 +98,8 @@ class BatchNorm2d(_FusedBatchNorm, torch.nn.BatchNorm2d):
                  affine: bool = True, track_running_stats: bool = True, device=None, dtype=None, *,
                  bias: bool = True, backend: str | None = None):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype,
-                         bias=bias)
-        self._init_backend(backend)
+                         **torch_bias_kwargs(bias))
+        self._init_fused(bias, backend)
 
 
 class BatchNorm3d(_FusedBatchNorm, torch.nn.BatchNorm3d):
@@ -80,5 +110,5 @@ class BatchNorm3d(_FusedBatchNorm, torch.nn.BatchNorm3d):
                  affine: bool = True, track_running_stats: bool = True, device=None, dtype=None, *,
                  bias: bool = True, backend: str | None = None):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype,
-                         bias=bias)
-        self._init_backend(backend)
+                         **torch_bias_kwargs(bias))
+        self._init_fused(bias, backend)

@@ -25,7 +25,8 @@ from .. import _backend
 from ..ops._dispatch import kernel
 from ..ops.batch_norm import batch_norm, dense, in_layout, stats_dtype
 from ..reference import batch_norm as reference
-from .batch_norm import exponential_average_factor, running_buffers, use_batch_stats
+from .batch_norm import (exponential_average_factor, finish_bias, reset_bias_aware, running_buffers,
+                         torch_bias_kwargs, use_batch_stats)
 
 __all__ = ["SyncBatchNorm", "SyncBatchNormFunction"]
 
@@ -134,8 +135,12 @@ class SyncBatchNorm(torch.nn.SyncBatchNorm):
                  affine: bool = True, track_running_stats: bool = True, process_group=None,
                  device=None, dtype=None, *, bias: bool = True, backend: str | None = None):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, process_group,
-                         device, dtype, bias=bias)
+                         device, dtype, **torch_bias_kwargs(bias))
+        finish_bias(self, bias)
         self.backend = backend
+
+    def reset_parameters(self) -> None:
+        reset_bias_aware(self)
 
     def _sync_group(self):
         """(group, world_size) when statistics must be synchronized, else None."""

@@ -25,6 +25,16 @@ def interpreted() -> bool:
     return not isinstance(float32_to_bfloat16_rne, triton.runtime.JITFunction)
 
 
+# Set by the sm_90 compile-only check (tests/test_triton_sm90.py), which replaces kernel launches by
+# compiles and so lets the launchers take CPU tensors without the interpreter.
+compile_only = False
+
+
+def cpu_tensors_allowed() -> bool:
+    """Whether launchers may take CPU tensors: under the interpreter, or when launches only compile."""
+    return compile_only or interpreted()
+
+
 def registered_as(op_name: str):
     """Registers the decorated launcher as fusedreg::<op_name> for CPU and CUDA tensors and keeps it
     importable under its own name (torch.library.impl's decorator form returns None)."""

@@ -25,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _common
 from ._common import float32_to_bfloat16_rne, interpreted, registered_as
 
 __all__ = ["adamw_step_"]
@@ -239,7 +240,7 @@ def _check_args(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, hp
                              f"got sizes {tuple(p.shape)} and strides {p.stride()}; call .contiguous() first")
     if dtype not in _TL_DTYPES:
         raise ValueError(f"params must have a floating-point dtype, got {dtype}")
-    if device.type == "cpu" and not interpreted():
+    if device.type == "cpu" and not _common.cpu_tensors_allowed():
         raise RuntimeError("adamw_step_ (triton): CPU tensors need the Triton interpreter "
                            "(TRITON_INTERPRET=1 set before fusedreg.triton is imported)")
     _check_list(params, grads, "grads", dtype, "grads must have their parameter's dtype, as in torch's fused AdamW")

@@ -36,6 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _common
 from ._common import float32_to_bfloat16_rne, interpreted, registered_as
 
 
@@ -363,7 +364,7 @@ def _check_input(input: torch.Tensor) -> None:
         raise TypeError(f"input must be a floating-point tensor, got {getattr(input, 'dtype', type(input))}")
     if input.dim() < 2:
         raise ValueError(f"batch_norm expects an input of shape (N, C, *), got {tuple(input.shape)}")
-    if input.device.type == "cpu" and not interpreted():
+    if input.device.type == "cpu" and not _common.cpu_tensors_allowed():
         raise RuntimeError("batch_norm (triton): input is a CPU tensor, which needs the Triton interpreter "
                            "(TRITON_INTERPRET=1 set before fusedreg.triton is imported)")
 

@@ -38,6 +38,7 @@ import triton
 import triton.language as tl
 
 from .._layout import is_dense
+from . import _common
 from ._common import float32_to_bfloat16_rne, interpreted, registered_as
 
 __all__ = ["grad_norm_pow", "multi_tensor_scale_"]
@@ -230,7 +231,7 @@ def _check_list(tensors: list[torch.Tensor], op: str) -> None:
                              f"{first.dtype}; all must share one dtype")
     if first.dtype not in _TL_DTYPES:
         raise TypeError(f"{op} (triton): tensors must have a floating-point dtype, got {first.dtype}")
-    if first.device.type == "cpu" and not interpreted():
+    if first.device.type == "cpu" and not _common.cpu_tensors_allowed():
         raise RuntimeError(f"{op} (triton): CPU tensors need the Triton interpreter "
                            "(TRITON_INTERPRET=1 set before fusedreg.triton is imported)")
 

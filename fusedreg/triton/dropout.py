@@ -27,6 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _common
 from ._common import float32_to_bfloat16_rne, interpreted, registered_as
 
 __all__ = ["dropout_fwd", "dropout_fwd_", "dropout_bwd", "dropout_add_fwd"]
@@ -127,7 +128,7 @@ def _check_args(input: torch.Tensor, seed: torch.Tensor, p: float, name: str) ->
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
     _check_seed(seed, input.device)
-    if input.device.type == "cpu" and not interpreted():
+    if input.device.type == "cpu" and not _common.cpu_tensors_allowed():
         raise RuntimeError(f"dropout (triton): {name} is a CPU tensor, which needs the Triton interpreter "
                            "(TRITON_INTERPRET=1 set before fusedreg.triton is imported)")
 

@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _common
 from ._common import interpreted, registered_as
 
 __all__ = ["philox4x32"]
@@ -76,7 +77,7 @@ def _check_args(counter: torch.Tensor, key: torch.Tensor) -> None:
     if key.device != counter.device:
         raise ValueError(f"_philox4x32_triton: key must be on counter's device ({counter.device}), "
                          f"got {key.device}")
-    if counter.device.type == "cpu" and not interpreted():
+    if counter.device.type == "cpu" and not _common.cpu_tensors_allowed():
         raise RuntimeError("_philox4x32_triton: CPU tensors need the Triton interpreter "
                            "(TRITON_INTERPRET=1 set before fusedreg.triton is imported)")
 
