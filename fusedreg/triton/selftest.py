@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from . import _common
-from ._common import interpreted, registered_as
+from ._common import registered_as
 
 __all__ = ["philox4x32"]
 
