@@ -25,21 +25,42 @@ TOLERANCES = {
 
 
 def native_backends(device: str) -> list[str]:
-    """Backends (besides `reference`) whose kernels run on `device` tensors in this environment."""
+    """Backends (besides `reference`) whose kernels run on `device` tensors.
+
+    CUDA cases are collected on every machine, so that a machine without a GPU counts (and skips)
+    exactly the cases a GPU machine runs; CPU Triton cases exist only under the interpreter."""
     if device == "cuda":
-        return ["cuda", "triton"] if HAS_CUDA else []
+        return ["cuda", "triton"]
     names = ["cpu"]
     if _backend._triton_reason(torch.device("cpu")) is None:
         names.append("triton")
     return names
 
 
-def device_under_test() -> str:
-    return "cuda" if HAS_CUDA else "cpu"
+def device_backend_pairs(with_reference: bool = True) -> list:
+    """(device, backend) parameters: every backend on CPU tensors, then every one on CUDA tensors
+    (those are marked `gpu` by pytest_collection_modifyitems)."""
+    return [pytest.param(device, backend, id=f"{device}-{backend}")
+            for device in ("cpu", "cuda")
+            for backend in (["reference"] if with_reference else []) + native_backends(device)]
 
 
+def _needs_gpu(item) -> bool:
+    """A case runs on a GPU when any of its parameters is a CUDA device or the cuda backend."""
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    for value in params.values():
+        if isinstance(value, torch.device) and value.type == "cuda":
+            return True
+        if isinstance(value, str) and (value == "cuda" or value.startswith("cuda:")):
+            return True
+    return False
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects: the marks added here must count
 def pytest_collection_modifyitems(config, items):
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
     for item in items:
+        if "gpu" not in item.keywords and _needs_gpu(item):
+            item.add_marker(pytest.mark.gpu)
         if "gpu" in item.keywords and not HAS_CUDA:
             item.add_marker(skip_gpu)

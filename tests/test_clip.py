@@ -11,12 +11,12 @@ import pytest
 import torch
 
 import fusedreg
-from conftest import TOLERANCES, device_under_test, native_backends
+from conftest import TOLERANCES, device_backend_pairs
 from fusedreg import _library
 from fusedreg.reference import clip as reference
 
-DEVICE = device_under_test()
-BACKENDS = ["reference"] + native_backends(DEVICE)
+PAIRS = device_backend_pairs()                            # (device, backend), reference included
+NATIVE_PAIRS = device_backend_pairs(with_reference=False)  # the kernels only
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 NORM_TYPES = [2.0, 1.0, math.inf, "inf", 3.0, 0.5]
 SHAPES = [(7, 13), (13,), (3, 5, 7), (0, 3), (), (1,), (67,)]
@@ -24,7 +24,7 @@ SHAPES = [(7, 13), (13,), (3, 5, 7), (0, 3), (), (1,), (67,)]
 HALF_ULP = {torch.float64: 2.0**-53, torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
 
 
-def _grads(dtype, shapes=SHAPES, seed=0, scale=1.0, device=DEVICE):
+def _grads(device, dtype, shapes=SHAPES, seed=0, scale=1.0):
     gen = torch.Generator().manual_seed(seed)
     return [(torch.randn(s, generator=gen, dtype=torch.float64) * scale).to(device, dtype) for s in shapes]
 
@@ -60,9 +60,9 @@ def _check_norm(ours, theirs, exact, dtype):
 
 @pytest.mark.parametrize("norm_type", NORM_TYPES)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_clip_grad_norm_matches_torch(backend, dtype, norm_type):
-    grads = _grads(dtype, scale=3.0)
+@pytest.mark.parametrize("device,backend", PAIRS)
+def test_clip_grad_norm_matches_torch(device, backend, dtype, norm_type):
+    grads = _grads(device, dtype, scale=3.0)
     ours, theirs = _params(grads), _torch_params(grads)
     max_norm = 0.5
     norm_ours = fusedreg.clip_grad_norm_(ours, max_norm, norm_type, backend=backend)
@@ -84,9 +84,9 @@ def test_clip_grad_norm_matches_torch(backend, dtype, norm_type):
 
 @pytest.mark.parametrize("norm_type", [2.0, 1.0, math.inf, 3.0])
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_norm_accumulates_in_float32(backend, dtype, norm_type):
-    grads = _grads(dtype, seed=1)
+@pytest.mark.parametrize("device,backend", PAIRS)
+def test_norm_accumulates_in_float32(device, backend, dtype, norm_type):
+    grads = _grads(device, dtype, seed=1)
     norm = fusedreg.get_total_norm(grads, norm_type, backend=backend, norm_dtype=torch.float32)
     assert norm.dtype == torch.float32
     rtol = TOLERANCES[torch.float64 if dtype == torch.float64 else torch.float32][1]
@@ -95,9 +95,9 @@ def test_norm_accumulates_in_float32(backend, dtype, norm_type):
 
 @pytest.mark.parametrize("norm_type", [2.0, 1.0, math.inf, 3.0, 0.5])
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("backend", native_backends(DEVICE))
-def test_kernels_match_reference_and_are_deterministic(backend, dtype, norm_type):
-    tensors = _grads(dtype, seed=2, shapes=SHAPES + [(5, 7)])
+@pytest.mark.parametrize("device,backend", NATIVE_PAIRS)
+def test_kernels_match_reference_and_are_deterministic(device, backend, dtype, norm_type):
+    tensors = _grads(device, dtype, seed=2, shapes=SHAPES + [(5, 7)])
     tensors[-1] = tensors[-1].t()  # not contiguous, still dense
     op = _library.op("grad_norm_pow", backend)
     ours = op(tensors, norm_type)
@@ -108,33 +108,33 @@ def test_kernels_match_reference_and_are_deterministic(backend, dtype, norm_type
     assert torch.equal(op(tensors, norm_type), ours)  # bitwise, run to run
 
     scaled = [t.clone() for t in tensors]
-    _library.op("multi_tensor_scale_", backend)(scaled, torch.tensor(0.37, device=DEVICE))
+    _library.op("multi_tensor_scale_", backend)(scaled, torch.tensor(0.37, device=device))
     expected = [t.clone() for t in tensors]
-    reference.multi_tensor_scale_(expected, torch.tensor(0.37, device=DEVICE))
+    reference.multi_tensor_scale_(expected, torch.tensor(0.37, device=device))
     for s, e in zip(scaled, expected):
         assert torch.equal(s, e)  # one rounding of the same float32 (float64) product
 
 
-@pytest.mark.parametrize("backend", native_backends(DEVICE))
-def test_non_dense_tensors(backend):
-    base = _grads(torch.float32, shapes=[(9, 14), (4, 3, 5, 6)], seed=3)
+@pytest.mark.parametrize("device,backend", NATIVE_PAIRS)
+def test_non_dense_tensors(device, backend):
+    base = _grads(device, torch.float32, shapes=[(9, 14), (4, 3, 5, 6)], seed=3)
     strided = base[0][:, ::2]                                    # not dense: read via a copy
     channels_last = base[1].to(memory_format=torch.channels_last)  # dense, permuted
     tensors = [strided, channels_last]
     ours = _library.op("grad_norm_pow", backend)(tensors, 2.0)
     torch.testing.assert_close(ours, reference.grad_norm_pow(tensors, 2.0), atol=0, rtol=1e-5)
     expected = [(t * 0.25) for t in tensors]
-    _library.op("multi_tensor_scale_", backend)(tensors, torch.tensor(0.25, device=DEVICE))
-    assert torch.equal(base[0][:, ::2], expected[0]) and torch.equal(base[0][:, 1::2], _grads(
+    _library.op("multi_tensor_scale_", backend)(tensors, torch.tensor(0.25, device=device))
+    assert torch.equal(base[0][:, ::2], expected[0]) and torch.equal(base[0][:, 1::2], _grads(device, 
         torch.float32, shapes=[(9, 14)], seed=3)[0][:, 1::2])  # the rest of the base untouched
     assert channels_last.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(channels_last, expected[1])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_clip_grads_with_norm_is_torchs_bitwise(backend, dtype):
-    grads = _grads(dtype, scale=2.0)
+@pytest.mark.parametrize("device,backend", PAIRS)
+def test_clip_grads_with_norm_is_torchs_bitwise(device, backend, dtype):
+    grads = _grads(device, dtype, scale=2.0)
     total = torch.nn.utils.get_total_norm([g for g in grads if g.numel()])
     ours, theirs = _params(grads), _torch_params(grads)
     fusedreg.clip_grads_with_norm_(ours, 1.0, total, backend=backend)
@@ -143,9 +143,9 @@ def test_clip_grads_with_norm_is_torchs_bitwise(backend, dtype):
         assert torch.equal(o, t)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_get_total_norm_then_clip_equals_clip_grad_norm(backend):
-    grads = _grads(torch.float32, scale=2.0)
+@pytest.mark.parametrize("device,backend", PAIRS)
+def test_get_total_norm_then_clip_equals_clip_grad_norm(device, backend):
+    grads = _grads(device, torch.float32, scale=2.0)
     a, b = _params(grads), _params(grads)
     norm = fusedreg.get_total_norm([p.grad for p in a], 2.0, backend=backend)
     fusedreg.clip_grads_with_norm_(a, 1.0, norm, backend=backend)
@@ -154,13 +154,13 @@ def test_get_total_norm_then_clip_equals_clip_grad_norm(backend):
 
 
 @pytest.mark.parametrize("norm_type", [2.0, math.inf])
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_thousand_small_tensors(backend, norm_type):
+@pytest.mark.parametrize("device,backend", PAIRS)
+def test_thousand_small_tensors(device, backend, norm_type):
     # > 256 tensors: several chunk tables for cuda/cpu. The Triton interpreter takes ~10 ms per
     # program, so it gets a shorter list (its pointer table has no tensor limit to exercise).
-    count = 120 if backend == "triton" and DEVICE == "cpu" else 1000
+    count = 120 if backend == "triton" and device == "cpu" else 1000
     shapes = [(k % 37 + 1,) for k in range(count)]
-    grads = _grads(torch.float32, shapes, seed=4)
+    grads = _grads(device, torch.float32, shapes, seed=4)
     ours, theirs = _params(grads), _torch_params(grads)
     norm_ours = fusedreg.clip_grad_norm_(ours, 1.0, norm_type, backend=backend)
     norm_theirs = torch.nn.utils.clip_grad_norm_(theirs, 1.0, norm_type)
@@ -169,8 +169,8 @@ def test_thousand_small_tensors(backend, norm_type):
         torch.testing.assert_close(o.grad, t.grad, atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_no_gradients(backend):
+@pytest.mark.parametrize("device,backend", PAIRS)
+def test_no_gradients(device, backend):
     assert torch.equal(fusedreg.get_total_norm([], backend=backend), torch.nn.utils.get_total_norm([]))
     params = [torch.nn.Parameter(torch.ones(3))]  # no .grad
     norm = fusedreg.clip_grad_norm_(params, 1.0, backend=backend)
@@ -181,14 +181,14 @@ def test_no_gradients(backend):
         assert fusedreg.clip_grad_norm_((p for p in []), 1.0, backend=backend).item() == 0.0
     # tensors without elements: a zero norm in their dtype and device, for every norm type
     for norm_type in (2.0, math.inf):
-        empty = [torch.empty(0, 3, device=DEVICE, dtype=torch.bfloat16)]
+        empty = [torch.empty(0, 3, device=device, dtype=torch.bfloat16)]
         zero = fusedreg.get_total_norm(empty, norm_type, backend=backend)
         assert zero.dtype == torch.bfloat16 and zero.device == empty[0].device and zero.item() == 0.0
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_single_tensor_and_generator(backend):
-    grads = _grads(torch.float32, scale=3.0)
+@pytest.mark.parametrize("device,backend", PAIRS)
+def test_single_tensor_and_generator(device, backend):
+    grads = _grads(device, torch.float32, scale=3.0)
     single = _params(grads[:1])[0]
     expected = _torch_params(grads[:1])[0]
     norm = fusedreg.clip_grad_norm_(single, 1.0, backend=backend)
@@ -208,10 +208,12 @@ def test_single_tensor_and_generator(backend):
     assert norm.item() == pytest.approx(1.0, rel=1e-5)  # clipped to max_norm
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_mixed_dtypes_one_call_per_group(backend, monkeypatch):
-    grads = (_grads(torch.float32, SHAPES[:3], seed=5) + _grads(torch.bfloat16, SHAPES[3:], seed=6)
-             + _grads(torch.float32, [(11,)], seed=7) + _grads(torch.float16, [(4, 4)], seed=8))
+@pytest.mark.parametrize("device,backend", PAIRS)
+def test_mixed_dtypes_one_call_per_group(device, backend, monkeypatch):
+    grads = (_grads(device, torch.float32, SHAPES[:3], seed=5)
+             + _grads(device, torch.bfloat16, SHAPES[3:], seed=6)
+             + _grads(device, torch.float32, [(11,)], seed=7)
+             + _grads(device, torch.float16, [(4, 4)], seed=8))
     calls = []
     from fusedreg.utils import clip as clip_module
     original = clip_module.kernel
@@ -238,15 +240,16 @@ def test_mixed_dtypes_one_call_per_group(backend, monkeypatch):
             ("multi_tensor_scale_", {torch.float32}, 4), ("multi_tensor_scale_", {torch.bfloat16}, 4),
             ("multi_tensor_scale_", {torch.float16}, 1)]
         assert {c[1] for c in calls} == {backend}
-    assert fusedreg.get_total_norm(grads + _grads(torch.float64, [(3,)]), backend=backend).dtype == torch.float64
+    float64 = _grads(device, torch.float64, [(3,)])
+    assert fusedreg.get_total_norm(grads + float64, backend=backend).dtype == torch.float64
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # interpreter: inf * 0
 @pytest.mark.parametrize("norm_type", [2.0, 1.0, math.inf, 3.0])
 @pytest.mark.parametrize("bad", [math.inf, math.nan])
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_non_finite_gradients(backend, bad, norm_type):
-    grads = _grads(torch.float32, SHAPES[:3])
+@pytest.mark.parametrize("device,backend", PAIRS)
+def test_non_finite_gradients(device, backend, bad, norm_type):
+    grads = _grads(device, torch.float32, SHAPES[:3])
     grads[1][4] = bad
     ours, theirs = _params(grads), _torch_params(grads)
     norm_ours = fusedreg.clip_grad_norm_(ours, 1.0, norm_type, backend=backend)
@@ -268,19 +271,19 @@ def test_non_finite_gradients(backend, bad, norm_type):
         fusedreg.get_total_norm(grads, norm_type, error_if_nonfinite=True, backend=backend)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_no_clip_leaves_gradients_bitwise(backend):
-    grads = _grads(torch.bfloat16)
+@pytest.mark.parametrize("device,backend", PAIRS)
+def test_no_clip_leaves_gradients_bitwise(device, backend):
+    grads = _grads(device, torch.bfloat16)
     params = _params(grads)
     norm = fusedreg.clip_grad_norm_(params, 1e4, backend=backend)
     assert norm.item() < 1e4
     assert all(torch.equal(p.grad, g) for p, g in zip(params, grads))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_bitwise_deterministic(backend):
+@pytest.mark.parametrize("device,backend", PAIRS)
+def test_bitwise_deterministic(device, backend):
     shapes = [(40000,), (1001,), (3, 33)]  # 40000 spans two CPU chunks
-    grads = _grads(torch.float32, shapes, seed=9)
+    grads = _grads(device, torch.float32, shapes, seed=9)
     results = []
     for _ in range(3):
         params = _params(grads)
@@ -290,9 +293,8 @@ def test_bitwise_deterministic(backend):
         assert all(torch.equal(a, b) for a, b in zip(clipped, results[0][1]))
 
 
-@pytest.mark.skipif(DEVICE != "cpu" or "cpu" not in BACKENDS, reason="CPU kernel threading")
 def test_cpu_result_does_not_depend_on_thread_count():
-    grads = _grads(torch.float32, [(200003,), (70001,)], seed=10)
+    grads = _grads("cpu", torch.float32, [(200003,), (70001,)], seed=10)
     threads = torch.get_num_threads()
     norms = []
     try:
@@ -308,9 +310,9 @@ def test_cpu_result_does_not_depend_on_thread_count():
 @pytest.mark.parametrize("bad", [0, 0.0, -1.0, -math.inf, math.nan, "fro", None])
 def test_unsupported_norm_types_raise(bad):
     with pytest.raises(ValueError, match="norm_type"):
-        fusedreg.clip_grad_norm_(_params(_grads(torch.float32, SHAPES[:2])), 1.0, bad)
+        fusedreg.clip_grad_norm_(_params(_grads("cpu", torch.float32, SHAPES[:2])), 1.0, bad)
     with pytest.raises(ValueError, match="norm_type"):
-        fusedreg.get_total_norm(_grads(torch.float32, SHAPES[:2]), bad)
+        fusedreg.get_total_norm(_grads("cpu", torch.float32, SHAPES[:2]), bad)
 
 
 def test_complex_gradients_are_rejected():
@@ -318,11 +320,11 @@ def test_complex_gradients_are_rejected():
         fusedreg.get_total_norm([torch.ones(2), torch.ones(2, dtype=torch.complex64)])
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_norm_dtype_and_float16_overflow(backend):
+@pytest.mark.parametrize("device,backend", PAIRS)
+def test_norm_dtype_and_float16_overflow(device, backend):
     # norm 300 * 256 = 76800 > 65504: PyTorch's float16 norm is inf and it zeroes the gradients;
     # fusedreg returns the same float16 inf but clips with the float32 norm.
-    grads = [torch.full((65536,), 300.0, dtype=torch.float16, device=DEVICE)]
+    grads = [torch.full((65536,), 300.0, dtype=torch.float16, device=device)]
     ours, theirs = _params(grads), _torch_params(grads)
     norm_ours = fusedreg.clip_grad_norm_(ours, 1.0, backend=backend)
     norm_theirs = torch.nn.utils.clip_grad_norm_(theirs, 1.0)
@@ -334,8 +336,8 @@ def test_norm_dtype_and_float16_overflow(backend):
     assert norm32.dtype == torch.float32 and norm32.item() == 76800.0
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_sparse_gradients(backend):
+@pytest.mark.parametrize("device,backend", PAIRS)
+def test_sparse_gradients(device, backend):
     ours, theirs = (torch.nn.Embedding(10, 3, sparse=True) for _ in range(2))
     theirs.load_state_dict(ours.state_dict())
     index = torch.tensor([1, 2, 1, 7])  # a repeated row: uncoalesced gradient
@@ -348,8 +350,8 @@ def test_sparse_gradients(backend):
 
 
 def test_compiles_without_graph_breaks():
-    backend = "cpu" if "cpu" in BACKENDS else "reference"
-    grads = _grads(torch.float32, SHAPES[:3] + [(0,)])
+    backend = "cpu"
+    grads = _grads("cpu", torch.float32, SHAPES[:3] + [(0,)])
 
     @torch.compile(fullgraph=True, backend="eager")
     def clip(params):
@@ -398,7 +400,7 @@ def _wrap(grad):
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 def test_gpu_no_host_sync_and_cuda_graph(backend):
-    grads = _grads(torch.float32, [(k % 97 + 1,) for k in range(1000)] + [(300001,)], device="cuda")
+    grads = _grads("cuda", torch.float32, [(k % 97 + 1,) for k in range(1000)] + [(300001,)])
     params = _params(grads)
     fusedreg.clip_grad_norm_(params, 1.0, backend=backend)  # warm-up: builds, compiles, caches
     torch.cuda.synchronize()
@@ -434,7 +436,7 @@ def test_gpu_no_host_sync_and_cuda_graph(backend):
 
 @pytest.mark.gpu
 def test_gpu_mixed_devices():
-    grads = _grads(torch.float32, SHAPES[:3], device="cuda") + _grads(torch.float32, SHAPES[3:], device="cpu")
+    grads = _grads("cuda", torch.float32, SHAPES[:3]) + _grads("cpu", torch.float32, SHAPES[3:])
     ours, theirs = _params(grads), _torch_params(grads)
     norm_ours = fusedreg.clip_grad_norm_(ours, 0.5)
     norm_theirs = torch.nn.utils.clip_grad_norm_(theirs, 0.5)

@@ -7,29 +7,28 @@ interpreter is slow, and odd sizes exercise ragged tails and the scalar (misalig
 import pytest
 import torch
 
-from conftest import HAS_CUDA, device_under_test
+from conftest import HAS_CUDA
 from fusedreg import _backend, _build
 from fusedreg.reference import dropout as ref
 from fusedreg.reference import philox
 from op_samples import SAMPLES
 
-DEVICE = device_under_test()
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 SIZES = [1, 3, 4, 5, 1000, 4099]
 PS = [0.0, 0.3, 0.5, 1.0]
 SEED = 0x1234_5678_9ABC
 OPS = ("dropout_fwd", "dropout_fwd_", "dropout_bwd", "dropout_add_fwd")
 
-if _backend._triton_reason(torch.device(DEVICE)) is None:
+TRITON_REASON = _backend._triton_reason(torch.device("cuda" if HAS_CUDA else "cpu"))
+if TRITON_REASON is None:
     from fusedreg.triton import dropout as triton_dropout  # noqa: F401  (registers the _triton ops)
-    TRITON_REASON = None
-else:
-    TRITON_REASON = _backend._triton_reason(torch.device(DEVICE))
+# The Triton tests run on CPU tensors under the interpreter and on CUDA tensors (gpu-marked, so a
+# machine without a GPU collects and skips them).
+TRITON_DEVICES = (["cpu"] if _backend._triton_reason(torch.device("cpu")) is None else []) + ["cuda"]
+triton_devices = pytest.mark.parametrize("device", TRITON_DEVICES)
 
-needs_triton = pytest.mark.skipif(TRITON_REASON is not None, reason=f"triton: {TRITON_REASON}")
 
-
-def seed_tensor(value=SEED, device=DEVICE):
+def seed_tensor(value=SEED, device="cpu"):
     return torch.tensor([value], dtype=torch.int64, device=device)
 
 
@@ -50,11 +49,11 @@ def assert_bitwise_equal(actual, expected):
     assert not mismatch.any(), f"{int(mismatch.sum())} of {actual.numel()} elements differ"
 
 
-def randn(shape, dtype, device=DEVICE):
+def randn(shape, dtype, device):
     return torch.randn(shape, dtype=torch.float32, device=device).to(dtype)
 
 
-def layouts(dtype, device=DEVICE):
+def layouts(dtype, device):
     """Inputs of every layout class: contiguous, channels_last, permuted, sliced (non-dense),
     expanded (overlapping), misaligned (dense, starting 1 element past an aligned address)."""
     base = randn((3, 5, 7, 6), dtype, device)
@@ -70,115 +69,119 @@ def layouts(dtype, device=DEVICE):
 
 # ----------------------------------------------------------------------------- triton (any device)
 
-@needs_triton
+@triton_devices
 @pytest.mark.parametrize("p", PS)
 @pytest.mark.parametrize("n", SIZES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_triton_fwd_matches_reference(dtype, n, p):
-    x = randn((n,), dtype)
-    assert_bitwise_equal(op("dropout_fwd", "triton")(x, seed_tensor(), p), ref.dropout_fwd(x, seed_tensor(), p))
+def test_triton_fwd_matches_reference(device, dtype, n, p):
+    x = randn((n,), dtype, device=device)
+    seed = seed_tensor(device=device)
+    assert_bitwise_equal(op("dropout_fwd", "triton")(x, seed, p), ref.dropout_fwd(x, seed, p))
 
 
-@needs_triton
+@triton_devices
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "permuted", "sliced", "expanded",
                                     "misaligned"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_triton_layouts_follow_reference(dtype, layout):
-    x = layouts(dtype)[layout]
+def test_triton_layouts_follow_reference(device, dtype, layout):
+    x = layouts(dtype, device=device)[layout]
     for name in ("dropout_fwd", "dropout_bwd"):
-        assert_bitwise_equal(op(name, "triton")(x, seed_tensor(), 0.3), ref.dropout_fwd(x, seed_tensor(), 0.3))
+        seed = seed_tensor(device=device)
+        assert_bitwise_equal(op(name, "triton")(x, seed, 0.3), ref.dropout_fwd(x, seed, 0.3))
 
 
-@needs_triton
+@triton_devices
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "sliced", "misaligned"])
 @pytest.mark.parametrize("p", [0.0, 0.3, 1.0])
-def test_triton_inplace_equals_out_of_place(p, layout):
-    x = layouts(torch.float16)[layout]
-    expected = ref.dropout_fwd(x, seed_tensor(), p)
-    assert op("dropout_fwd_", "triton")(x, seed_tensor(), p) is None
+def test_triton_inplace_equals_out_of_place(device, p, layout):
+    x = layouts(torch.float16, device=device)[layout]
+    expected = ref.dropout_fwd(x, seed_tensor(device=device), p)
+    assert op("dropout_fwd_", "triton")(x, seed_tensor(device=device), p) is None
     assert torch.equal(x, expected)  # values in x's own layout, whatever it is
 
 
-@needs_triton
+@triton_devices
 @pytest.mark.parametrize("with_bias", [True, False])
 @pytest.mark.parametrize("p", [0.0, 0.3, 1.0])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_triton_dropout_add_matches_reference(dtype, p, with_bias):
-    x, residual = randn((7, 9, 13), dtype), randn((7, 9, 13), dtype)
-    bias = randn((13,), dtype) if with_bias else None
-    args = (x, residual, bias, seed_tensor(), p)
+def test_triton_dropout_add_matches_reference(device, dtype, p, with_bias):
+    x, residual = randn((7, 9, 13), dtype, device=device), randn((7, 9, 13), dtype, device=device)
+    bias = randn((13,), dtype, device=device) if with_bias else None
+    args = (x, residual, bias, seed_tensor(device=device), p)
     assert_bitwise_equal(op("dropout_add_fwd", "triton")(*args), ref.dropout_add_fwd(*args))
 
 
-@needs_triton
+@triton_devices
 @pytest.mark.parametrize("index_32", [True, False])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "permuted", "sliced", "expanded"])
-def test_triton_dropout_add_bias_follows_the_logical_last_dim(layout, index_32):
+def test_triton_dropout_add_bias_follows_the_logical_last_dim(device, layout, index_32):
     """The bias broadcasts over the LOGICAL last dim, whatever the memory order; both the 32-bit
     multiply-high and the 64-bit division forms of its index must get it right."""
     from fusedreg.triton.dropout import _launch
 
-    x = layouts(torch.float32)[layout]
-    residual = randn(x.shape, torch.float32).transpose(0, -1).contiguous().transpose(0, -1)
-    bias = randn(x.shape[-1:], torch.float32)
-    expected = ref.dropout_add_fwd(x, residual, bias, seed_tensor(), 0.3)
-    assert_bitwise_equal(op("dropout_add_fwd", "triton")(x, residual, bias, seed_tensor(), 0.3), expected)
+    x = layouts(torch.float32, device=device)[layout]
+    residual = randn(x.shape, torch.float32, device=device).transpose(0, -1).contiguous().transpose(0, -1)
+    bias = randn(x.shape[-1:], torch.float32, device=device)
+    seed = seed_tensor(device=device)
+    expected = ref.dropout_add_fwd(x, residual, bias, seed, 0.3)
+    assert_bitwise_equal(op("dropout_add_fwd", "triton")(x, residual, bias, seed, 0.3), expected)
     out = torch.empty_like(x)
-    _launch(torch.empty_like(out).copy_(x), out, seed_tensor(), 0.3, torch.empty_like(out).copy_(residual),
+    _launch(torch.empty_like(out).copy_(x), out, seed, 0.3, torch.empty_like(out).copy_(residual),
             bias, out.stride(-1), out.shape[-1], index_32=index_32)
     assert_bitwise_equal(out, expected)
 
 
-@needs_triton
-def test_triton_empty_tensors():
+@triton_devices
+def test_triton_empty_tensors(device):
     for shape in [(0,), (3, 0, 2)]:
-        x = randn(shape, torch.float32)
-        expected = ref.dropout_fwd(x, seed_tensor(), 0.5)
-        assert_bitwise_equal(op("dropout_fwd", "triton")(x, seed_tensor(), 0.5), expected)
-        assert op("dropout_fwd_", "triton")(x, seed_tensor(), 0.5) is None
-        out = op("dropout_add_fwd", "triton")(x, x, None, seed_tensor(), 0.5)
+        x = randn(shape, torch.float32, device=device)
+        expected = ref.dropout_fwd(x, seed_tensor(device=device), 0.5)
+        assert_bitwise_equal(op("dropout_fwd", "triton")(x, seed_tensor(device=device), 0.5), expected)
+        assert op("dropout_fwd_", "triton")(x, seed_tensor(device=device), 0.5) is None
+        out = op("dropout_add_fwd", "triton")(x, x, None, seed_tensor(device=device), 0.5)
         assert out.shape == shape
 
 
-@needs_triton
+@triton_devices
 @pytest.mark.parametrize("seed", [0, 1, -1, 2**63 - 1, -(2**63), 0x5EADBEEF_00000001, -0x5EADBEEF_00000001])
-def test_triton_seeds_use_both_key_words(seed):
-    x = torch.ones(4099, device=DEVICE)
-    assert_bitwise_equal(op("dropout_fwd", "triton")(x, seed_tensor(seed), 0.5),
-                         ref.dropout_fwd(x, seed_tensor(seed), 0.5))
+def test_triton_seeds_use_both_key_words(device, seed):
+    x = torch.ones(4099, device=device)
+    assert_bitwise_equal(op("dropout_fwd", "triton")(x, seed_tensor(seed, device=device), 0.5),
+                         ref.dropout_fwd(x, seed_tensor(seed, device=device), 0.5))
 
 
-@needs_triton
-def test_triton_drops_inf_and_nan_to_zero():
-    x = torch.tensor([float("inf"), float("-inf"), float("nan"), 1.0] * 64, device=DEVICE)
-    out = op("dropout_fwd", "triton")(x, seed_tensor(), 0.5)
-    keep = ref.dropout_mask(x, seed_tensor(), 0.5)
+@triton_devices
+def test_triton_drops_inf_and_nan_to_zero(device):
+    x = torch.tensor([float("inf"), float("-inf"), float("nan"), 1.0] * 64, device=device)
+    out = op("dropout_fwd", "triton")(x, seed_tensor(device=device), 0.5)
+    keep = ref.dropout_mask(x, seed_tensor(device=device), 0.5)
     assert 0 < int(keep.sum()) < x.numel()
     assert torch.equal(out[~keep], torch.zeros_like(out[~keep]))
-    assert_bitwise_equal(out, ref.dropout_fwd(x, seed_tensor(), 0.5))
+    assert_bitwise_equal(out, ref.dropout_fwd(x, seed_tensor(device=device), 0.5))
 
 
-@needs_triton
-def test_triton_rejects_bad_arguments():
-    x = randn((4, 5), torch.float32)
+@triton_devices
+def test_triton_rejects_bad_arguments(device):
+    x = randn((4, 5), torch.float32, device=device)
+    ints = torch.ones(3, dtype=torch.int32, device=device)
     with pytest.raises(TypeError, match="input"):
-        op("dropout_fwd", "triton")(torch.ones(3, dtype=torch.int32, device=DEVICE), seed_tensor(), 0.5)
+        op("dropout_fwd", "triton")(ints, seed_tensor(device=device), 0.5)
     with pytest.raises(TypeError, match="grad"):
-        op("dropout_bwd", "triton")(torch.ones(3, dtype=torch.int32, device=DEVICE), seed_tensor(), 0.5)
+        op("dropout_bwd", "triton")(ints, seed_tensor(device=device), 0.5)
     with pytest.raises(ValueError, match="between 0 and 1"):
-        op("dropout_fwd", "triton")(x, seed_tensor(), 1.5)
+        op("dropout_fwd", "triton")(x, seed_tensor(device=device), 1.5)
     with pytest.raises(ValueError, match="seed"):
-        op("dropout_fwd", "triton")(x, seed_tensor().int(), 0.5)
+        op("dropout_fwd", "triton")(x, seed_tensor(device=device).int(), 0.5)
     with pytest.raises(ValueError, match="residual"):
-        op("dropout_add_fwd", "triton")(x, x[:, :4], None, seed_tensor(), 0.5)
+        op("dropout_add_fwd", "triton")(x, x[:, :4], None, seed_tensor(device=device), 0.5)
     with pytest.raises(ValueError, match="bias"):
-        op("dropout_add_fwd", "triton")(x, x, x[0, :4], seed_tensor(), 0.5)
+        op("dropout_add_fwd", "triton")(x, x, x[0, :4], seed_tensor(device=device), 0.5)
 
 
-@needs_triton
+@triton_devices
 @pytest.mark.parametrize("name", OPS)
-def test_triton_opcheck(name):
-    for args in SAMPLES[name](DEVICE, torch.float32):
+def test_triton_opcheck(device, name):
+    for args in SAMPLES[name](device, torch.float32):
         torch.library.opcheck(op(name, "triton"), args)
 
 

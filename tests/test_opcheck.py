@@ -13,21 +13,19 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 import fusedreg.triton
 from fusedreg import _backend, _build, _library
-from conftest import device_under_test, native_backends
+from conftest import native_backends
 from op_samples import SAMPLES
 
-DEVICE = device_under_test()
 
-
-def _load_backend(backend: str) -> bool:
+def _load_backend(backend: str, device: str) -> bool:
     if backend in ("cpu", "cuda"):
         try:
             _build.load_library(backend)
         except _build.BuildError:
             return False
         return True
-    if _backend._triton_reason(torch.device(DEVICE)) is not None:
-        return False
+    if device == "cpu" and _backend._triton_reason(torch.device("cpu")) is not None:
+        return False  # CPU tensors need the interpreter; CUDA cases are collected everywhere
     for module in pkgutil.iter_modules(fusedreg.triton.__path__):
         importlib.import_module(f"fusedreg.triton.{module.name}")
     return True
@@ -35,13 +33,14 @@ def _load_backend(backend: str) -> bool:
 
 def _cases():
     cases = []
-    for backend in native_backends(DEVICE):
-        if not _load_backend(backend):
-            continue
-        for name in _library.SCHEMAS:
-            qualname = _library.qualname(name, backend)
-            if torch._C._dispatch_has_kernel_for_dispatch_key(qualname, DEVICE.upper()):
-                cases.append(pytest.param(name, backend, id=f"{name}-{backend}"))
+    for device in ("cpu", "cuda"):
+        for backend in native_backends(device):
+            if not _load_backend(backend, device):
+                continue
+            for name in _library.SCHEMAS:
+                qualname = _library.qualname(name, backend)
+                if torch._C._dispatch_has_kernel_for_dispatch_key(qualname, device.upper()):
+                    cases.append(pytest.param(name, backend, device, id=f"{name}-{device}-{backend}"))
     return cases
 
 
@@ -58,10 +57,10 @@ def test_fake_kernel_runs(name):
             op(*fake_args)
 
 
-@pytest.mark.parametrize("name,backend", _cases())
-def test_opcheck(name, backend):
+@pytest.mark.parametrize("name,backend,device", _cases())
+def test_opcheck(name, backend, device):
     op = _library.op(name, backend)
     dtypes = [torch.float32] if name.startswith("_philox") else [torch.float32, torch.bfloat16]
     for dtype in dtypes:
-        for args in SAMPLES[name](DEVICE, dtype):
+        for args in SAMPLES[name](device, dtype):
             torch.library.opcheck(op, args)
