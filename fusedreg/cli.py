@@ -195,8 +195,12 @@ def _cmd_bench(args, parser: argparse.ArgumentParser) -> int:
                      + (f" in {', '.join(str(d).removeprefix('torch.') for d in args.dtype)}"
                         if args.dtype else ""))
 
-    doc = harness.run(args.ops, device, args.dtype, quick=args.quick)
+    doc = harness.run(args.ops, device, args.dtype, quick=args.quick, min_elements=args.min_elements,
+                      compiled=not args.no_compile, budget_s=args.budget)
     print(report.format_table(doc), flush=True)
+    if doc["left_out_by_budget"]:
+        print(f"\ntime budget of {args.budget:g} s reached: {len(doc['left_out_by_budget'])} measurement(s) "
+              f"left out: {', '.join(doc['left_out_by_budget'])}", flush=True)
     json_path = args.json or os.path.join("bench-out", f"bench-{device}.json")
     plot_path = args.plot or os.path.join("bench-out", f"bench-{device}.png")
     report.write_json(doc, json_path)
@@ -242,6 +246,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--dtype", nargs="+", type=_dtype, metavar="DTYPE",
                        help="only these dtypes (float32, bfloat16, float16, float64)")
     bench.add_argument("--quick", action="store_true", help="fewer sizes and shorter timing")
+    bench.add_argument("--min-elements", type=int, default=0, metavar="N",
+                       help="only sizes of at least N elements (e.g. 67108864 for 2**26)")
+    bench.add_argument("--no-compile", action="store_true", help="leave out the torch.compile baselines")
+    bench.add_argument("--budget", type=float, metavar="SECONDS",
+                       help="start no new measurement after SECONDS; what was measured is still written")
     bench.add_argument("--json", metavar="PATH", help="default: bench-out/bench-<device>.json")
     bench.add_argument("--plot", metavar="PATH", help="default: bench-out/bench-<device>.png")
     bench.add_argument("--list", action="store_true", help="list the registered cases and exit")

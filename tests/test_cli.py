@@ -223,3 +223,26 @@ def test_cuda_shaped_results_render(monkeypatch, tmp_path):
     assert "ERROR RuntimeError: kernel exploded" in table and "Fake GPU" in table
     assert plot.write_png(doc, tmp_path / "fake.png") is None
     assert json.loads(json.dumps(doc)) == doc
+
+
+def test_bench_filters_sizes_compiled_baselines_and_stops_at_its_budget(monkeypatch):
+    """--min-elements, --no-compile and --budget: what a time-boxed GPU check relies on."""
+    from fusedreg.bench import harness
+
+    monkeypatch.setattr(registry, "_CASES", {})
+    registry.register(registry.Case(
+        op="fake", name="sizes", make=lambda size, dtype, device: torch.ones(2),
+        bytes_moved=lambda size, dtype: 8,
+        impls={"subject": lambda x: (lambda: x * 2), "torch.compile(x)": lambda x: (lambda: x * 3)},
+        sizes=[16, (4, 4, "nc"), 8, (2, 3, "nhwc")], dtypes=[torch.float32]))
+    monkeypatch.setattr(harness, "copy_bandwidth", lambda device, timer, quick: {
+        "bytes": 1, "time_ms": 1.0, "time_ms_q20": 1.0, "time_ms_q80": 1.0, "gbps": 1.0, "method": "fake"})
+
+    doc = harness.run(["fake"], "cpu", quick=True, progress=lambda line: None,
+                      min_elements=16, compiled=False)
+    assert [e["size"] for e in doc["results"]] == [16, [4, 4, "nc"]]
+    assert all(list(e["impls"]) == ["subject"] for e in doc["results"])
+    assert doc["left_out_by_budget"] == []
+
+    doc = harness.run(["fake"], "cpu", quick=True, progress=lambda line: None, budget_s=0.0)
+    assert doc["results"] == [] and len(doc["left_out_by_budget"]) == 4

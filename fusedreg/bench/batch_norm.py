@@ -34,8 +34,9 @@ SIZES = {
     + [(1024, 1024, "nc")],
 }
 QUICK_SIZES = {
-    "cuda": [(256, 64, 56, 56, "nchw"), (256, 64, 56, 56, "nhwc"), (256, 2048, 7, 7, "nhwc"),
-             (8192, 1024, "nc")],
+    # every quick GPU size >= 2**26 elements: large enough to show bandwidth, not launch latency
+    "cuda": [(512, 64, 56, 56, "nchw"), (512, 64, 56, 56, "nhwc"), (1024, 2048, 7, 7, "nhwc"),
+             (65536, 1024, "nc")],
     "cpu": [(8, 64, 56, 56, "nchw"), (8, 64, 56, 56, "nhwc"), (1024, 1024, "nc")],
 }
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import math
 import sys
 import time
 import traceback
@@ -97,13 +98,26 @@ def _compile_everything():
 
 
 def run(ops: Sequence[str] | None, device: str, dtypes: Sequence[torch.dtype] | None = None,
-        quick: bool = False, progress: Callable[[str], None] | None = None) -> dict:
-    """Benchmark the cases of `ops` (all when empty) on `device`; return the results document."""
+        quick: bool = False, progress: Callable[[str], None] | None = None, *,
+        min_elements: int = 0, compiled: bool = True, budget_s: float | None = None) -> dict:
+    """Benchmark the cases of `ops` (all when empty) on `device`; return the results document.
+
+    min_elements: skip sizes with fewer elements (a size's elements: the product of its integers).
+    compiled: whether torch.compile baselines run (their compile time dominates a short run).
+    budget_s: start no new measurement after this many seconds; the document then says what was
+    left out, so a run cut short by a time window still writes everything it measured."""
     with _compile_everything():
-        return _run(ops, device, dtypes, quick, progress)
+        return _run(ops, device, dtypes, quick, progress, min_elements, compiled, budget_s)
 
 
-def _run(ops, device, dtypes, quick, progress) -> dict:
+def size_elements(size) -> int:
+    """Elements a benchmark size stands for: the product of the integers in it."""
+    if isinstance(size, (int, float)):
+        return int(size)
+    return math.prod(int(v) for v in size if isinstance(v, int) and not isinstance(v, bool))
+
+
+def _run(ops, device, dtypes, quick, progress, min_elements=0, compiled=True, budget_s=None) -> dict:
     say = progress or (lambda line: print(line, file=sys.stderr, flush=True))
     started = time.monotonic()
     load_errors = registry.load_op_modules()
@@ -114,13 +128,20 @@ def _run(ops, device, dtypes, quick, progress) -> dict:
     copy_bw = copy_bandwidth(device, timer, quick)
     say(f"copy bandwidth: {copy_bw['gbps']:.1f} GB/s")
 
-    results = []
+    results, left_out = [], []
     for case in registry.cases(ops, device):
         impls = case.impls_for(device, quick)
+        if not compiled:
+            impls = {name: impl for name, impl in impls.items() if not name.startswith("torch.compile")}
         case_dtypes = [d for d in case.dtypes if dtypes is None or d in dtypes]
         for dtype in case_dtypes:
             for size in case.sizes_for(device, quick):
                 label = case.size_label(size)
+                if size_elements(size) < min_elements:
+                    continue
+                if budget_s is not None and time.monotonic() - started > budget_s:
+                    left_out.append(f"{case.key} {_dtype_name(dtype)} {label}")
+                    continue
                 say(f"{case.key} {_dtype_name(dtype)} {label} ...")
                 bytes_moved = int(case.bytes_moved(size, dtype))
                 entry = {"op": case.op, "case": case.name, "note": case.note,
@@ -152,6 +173,7 @@ def _run(ops, device, dtypes, quick, progress) -> dict:
         "copy_bandwidth": copy_bw,
         "load_errors": load_errors,
         "results": results,
+        "left_out_by_budget": left_out,
         "elapsed_s": round(time.monotonic() - started, 2),
     }
 
