@@ -1,36 +1,113 @@
 #!/usr/bin/env bash
-# Everything that needs a GPU, in one command, on a machine where nothing can be installed:
-#   benchmarks/gpu_check.sh OUTDIR
-# Runs from a source checkout with PYTHONPATH=<checkout> (no pip install), python from $PYTHON or
-# PATH. Steps: env, build, all tests (gpu-marked included), compute-sanitizer memcheck + racecheck
-# on a small gpu selection, quick benchmark. A failing step does not stop the later ones; the
-# summary at the end lists each step, and the exit status is non-zero if any step failed.
+# Everything that needs a GPU, in two time-boxed tiers, on a machine where nothing can be installed:
 #
-# OUTDIR receives at most 7 files, flat, with plain names, so that a remote runner that returns
-# only a few shallow files gets them all:
-#   gpu_check.log  this script's whole output (env, build, bench table, summary)
-#   tests.log  tests.xml (junit)  sanitizer-memcheck.log  sanitizer-racecheck.log
-#   bench-quick.json  bench-quick.png
-# Environment: PYTHON; TEST_ARGS (extra pytest arguments for the full test run, e.g. "-x");
-# SANITIZER_SELECTION (pytest -k expression for the sanitizer runs, default "small or sanitizer").
+#   benchmarks/gpu_check.sh --tier 1 OUTDIR   (<= 7 min) env, build of both libraries (parallel),
+#                                              every gpu-marked test in parallel workers, a quick
+#                                              benchmark at >= 2**26 elements
+#   benchmarks/gpu_check.sh --tier 2 OUTDIR   (<= 5 min) compute-sanitizer memcheck and racecheck on
+#                                              the `sanitizer` selection, then the full benchmark
+#                                              with whatever time remains
+#   benchmarks/gpu_check.sh --plan            (anywhere, no GPU) each tier's steps, budgets and the
+#                                              number of test cases each test step selects; exits
+#                                              non-zero when a test step selects nothing
+#
+# Runs from a source checkout with PYTHONPATH=<checkout> (no pip install), python from $PYTHON or
+# PATH. Every step runs under `timeout` with its own budget, printed up front, so one hung step cannot
+# eat the window; a failing step does not stop the later ones; the summary lists each step and the
+# exit status is non-zero if any step failed or timed out. The build and Triton caches live in the
+# checkout (.fusedreg-cache/, .triton-cache/, both git-ignored) so that tier 2, run later on the same
+# machine, reuses tier 1's build.
+#
+# OUTDIR receives at most 5 flat files per tier (a remote runner returns only a few shallow files):
+#   tier 1: gpu_check-tier1.log (this script's output: env, build, test and bench summaries)
+#           tests-gpu.log  tests-gpu.xml (junit)  bench-quick.json  bench-quick.png
+#   tier 2: gpu_check-tier2.log  sanitizer-memcheck.log  sanitizer-racecheck.log
+#           bench-full.json  bench-full.png
+# Then `python benchmarks/record_gpu_results.py OUTDIR` turns them into benchmarks/results/.
+#
+# Environment: PYTHON; TEST_WORKERS (pytest-xdist workers for tier 1, default: cores, at most 16);
+# TEST_ARGS (extra pytest arguments for the tier-1 test run).
 set -u -o pipefail
 
-if [ $# -ne 1 ]; then
-    echo "usage: $0 OUTDIR" >&2
+# name  budget(s)  what
+TIER1_STEPS=("env 20" "build 150" "tests 160" "bench 90")
+TIER2_STEPS=("build 40" "memcheck 110" "racecheck 90" "bench 60")
+# -m on the command line replaces pyproject's "not huge": keep the huge cases out explicitly
+GPU_SELECTION="gpu and not huge"
+SANITIZER_SELECTION="sanitizer and not huge"
+
+usage() {
+    echo "usage: $0 --tier 1|2 OUTDIR | --plan" >&2
     exit 2
-fi
-mkdir -p "$1" || exit 2
-OUTDIR=$(cd "$1" && pwd)
+}
+
 cd "$(dirname "$0")/.." || exit 2
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export FUSEDREG_CACHE_DIR=${FUSEDREG_CACHE_DIR:-$PWD/.fusedreg-cache}
+export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$PWD/.triton-cache}
 PY=${PYTHON:-$(command -v python || command -v python3)}
 if [ -z "$PY" ]; then
     echo "no python found: put one on PATH or set PYTHON" >&2
     exit 2
 fi
-SELECTION=${SANITIZER_SELECTION:-small or sanitizer}
 
-exec > >(tee "$OUTDIR/gpu_check.log") 2>&1
+budget_of() {  # budget_of STEP "${STEPS[@]}"
+    local want=$1 entry
+    shift
+    for entry in "$@"; do
+        [ "${entry%% *}" = "$want" ] && echo "${entry##* }" && return
+    done
+    echo 0
+}
+
+print_budget() {  # print_budget TIER "${STEPS[@]}"
+    local tier=$1 total=0 entry
+    shift
+    for entry in "$@"; do total=$((total + ${entry##* })); done
+    echo "tier $tier budget: $total s in all ($(printf '%s s, ' "$@" | sed 's/, $//'))"
+}
+
+# How many test cases a pytest -m selection collects here (CUDA cases are collected, and skipped,
+# on machines without a GPU too, so this count is the GPU machine's).
+count_selected() {
+    "$PY" -m pytest --collect-only -q -p no:cacheprovider -m "$1" 2>/dev/null | grep -c '::'
+}
+
+plan() {
+    local status=0 n
+    echo "gpu_check plan (checkout $PWD, python $PY)"
+    print_budget 1 "${TIER1_STEPS[@]}"
+    echo "  env      fusedreg env"
+    echo "  build    fusedreg build --cpu & fusedreg build --cuda, in parallel"
+    n=$(count_selected "$GPU_SELECTION")
+    echo "  tests    pytest -m \"$GPU_SELECTION\" -n WORKERS: $n test cases"
+    [ "$n" -gt 0 ] || { echo "  ERROR: the tier-1 test step selects no test case"; status=1; }
+    echo "  bench    fusedreg bench --quick --min-elements 67108864 --no-compile (every op, fp32 + bf16)"
+    print_budget 2 "${TIER2_STEPS[@]}"
+    echo "  build    cached from tier 1 (rebuilds when the checkout changed)"
+    n=$(count_selected "$SANITIZER_SELECTION")
+    echo "  memcheck compute-sanitizer --tool memcheck pytest -m \"$SANITIZER_SELECTION\": $n test cases"
+    echo "  racecheck compute-sanitizer --tool racecheck, the same $n test cases"
+    [ "$n" -gt 0 ] || { echo "  ERROR: the sanitizer steps select no test case"; status=1; }
+    echo "  bench    fusedreg bench (full) until the tier's budget is spent"
+    return $status
+}
+
+TIER=""
+OUTARG=""
+while [ $# -gt 0 ]; do
+    case $1 in
+        --plan) plan; exit $? ;;
+        --tier) [ $# -ge 2 ] || usage; TIER=$2; shift 2 ;;
+        -*) usage ;;
+        *) [ -z "$OUTARG" ] || usage; OUTARG=$1; shift ;;
+    esac
+done
+{ [ "$TIER" = 1 ] || [ "$TIER" = 2 ]; } && [ -n "$OUTARG" ] || usage
+mkdir -p "$OUTARG" || exit 2
+OUTDIR=$(cd "$OUTARG" && pwd)
+
+exec > >(tee "$OUTDIR/gpu_check-tier$TIER.log") 2>&1
 TEE_PID=$!
 finish() {  # let tee write the last lines before the caller collects the log
     exec >&- 2>&-
@@ -40,100 +117,133 @@ finish() {  # let tee write the last lines before the caller collects the log
 
 SUMMARY=()
 FAILED=0
-
 record() {  # record NAME STATUS SECONDS [NOTE]
-    SUMMARY+=("$(printf '%-20s %-5s %5ss  %s' "$1" "$2" "$3" "${4:-}")")
-    [ "$2" = FAIL ] && FAILED=1
+    SUMMARY+=("$(printf '%-10s %-7s %4ss  %s' "$1" "$2" "$3" "${4:-}")")
+    case $2 in PASS|SKIP) ;; *) FAILED=1 ;; esac
     return 0
 }
 
-# step NAME LOGFILE|- COMMAND...: run, send output to LOGFILE (and its tail to the console) or,
-# with "-", straight to the console; record PASS/FAIL by exit status.
+# step NAME BUDGET LOGFILE|- COMMAND...: run under `timeout BUDGET`, output to LOGFILE (its tail to
+# the console) or, with "-", to the console; record PASS / FAIL / TIMEOUT.
 step() {
-    local name=$1 log=$2 start rc
-    shift 2
+    local name=$1 budget=$2 log=$3 start rc
+    shift 3
     echo
-    echo "=== $name: $*"
+    echo "=== $name (budget ${budget} s): $*"
     start=$SECONDS
+    if declare -F "$1" >/dev/null; then  # a function of this script: timeout needs a process
+        set -- bash -c '"$@"' "$1" "$@"
+    fi
     if [ "$log" = - ]; then
-        "$@"
+        timeout --kill-after=10 "$budget" "$@"
         rc=$?
     else
-        "$@" >"$log" 2>&1
+        timeout --kill-after=10 "$budget" "$@" >"$log" 2>&1
         rc=$?
         tail -n 25 "$log"
     fi
-    if [ $rc -eq 0 ]; then record "$name" PASS $((SECONDS - start)); else record "$name" FAIL $((SECONDS - start)) "exit $rc"; fi
+    if [ $rc -eq 0 ]; then
+        record "$name" PASS $((SECONDS - start))
+    elif [ $rc -eq 124 ] || [ $rc -eq 137 ]; then
+        record "$name" TIMEOUT $((SECONDS - start)) "over its ${budget} s budget"
+    else
+        record "$name" FAIL $((SECONDS - start)) "exit $rc"
+    fi
     return $rc
 }
 
-echo "fusedreg gpu_check: $(date -u '+%Y-%m-%d %H:%M:%S UTC'), python $PY, checkout $PWD, output $OUTDIR"
-command -v nvidia-smi >/dev/null && nvidia-smi
-
-step env - "$PY" -m fusedreg env
-
-build_showing_logs() {
-    # The build log lives in the cache directory, which a remote runner does not return: on failure
-    # print its end here.
-    local out rc
+build_both() {
+    # Both libraries at once; the build log lives in the cache directory, which a remote runner does
+    # not return, so on failure its end is printed here.
+    local out rc_cpu rc_cuda
     out=$(mktemp)
-    "$PY" -m fusedreg build 2>&1 | tee "$out"
-    rc=${PIPESTATUS[0]}
-    if [ $rc -ne 0 ]; then
-        grep -o 'build log: .*' "$out" | sort -u | while read -r _ _ path; do
+    "$PY" -m fusedreg build --cpu >"$out.cpu" 2>&1 &
+    local cpu_pid=$!
+    "$PY" -m fusedreg build --cuda >"$out.cuda" 2>&1
+    rc_cuda=$?
+    wait $cpu_pid
+    rc_cpu=$?
+    cat "$out.cpu" "$out.cuda"
+    if [ $rc_cpu -ne 0 ] || [ $rc_cuda -ne 0 ]; then
+        cat "$out.cpu" "$out.cuda" | grep -o 'build log: .*' | sort -u | while read -r _ _ path; do
             echo "--- last lines of $path"
             tail -n 60 "$path"
         done
     fi
-    rm -f "$out"
-    return $rc
+    rm -f "$out" "$out.cpu" "$out.cuda"
+    [ $rc_cpu -eq 0 ] && [ $rc_cuda -eq 0 ]
 }
-step build - build_showing_logs
 
-# shellcheck disable=SC2086  # TEST_ARGS is a list of words
-step tests "$OUTDIR/tests.log" "$PY" -m pytest -q -rfE -p no:cacheprovider --junitxml="$OUTDIR/tests.xml" ${TEST_ARGS:-}
-
-SANITIZER=$(command -v compute-sanitizer || true)
-if [ -z "$SANITIZER" ]; then
-    home=$("$PY" -c 'from fusedreg import _build; print(_build.cuda_home() or "")' 2>/dev/null)
-    for candidate in "$home/bin/compute-sanitizer" /usr/local/cuda/bin/compute-sanitizer; do
-        [ -x "$candidate" ] && SANITIZER=$candidate && break
-    done
-fi
-for tool in memcheck racecheck; do
-    log="$OUTDIR/sanitizer-$tool.log"
-    if [ -z "$SANITIZER" ]; then
-        echo "compute-sanitizer not found (looked in PATH and the CUDA toolkit): $tool skipped" | tee "$log"
-        record "sanitizer-$tool" SKIP 0 "compute-sanitizer not found"
-        continue
+find_sanitizer() {
+    local found home candidate
+    found=$(command -v compute-sanitizer || true)
+    if [ -z "$found" ]; then
+        home=$("$PY" -c 'from fusedreg import _build; print(_build.cuda_home() or "")' 2>/dev/null)
+        for candidate in "$home/bin/compute-sanitizer" /usr/local/cuda/bin/compute-sanitizer; do
+            [ -x "$candidate" ] && found=$candidate && break
+        done
     fi
-    echo
-    echo "=== sanitizer-$tool: pytest -m gpu -k \"$SELECTION\""
-    start=$SECONDS
+    echo "$found"
+}
+
+sanitize() {  # sanitize TOOL BUDGET
+    local tool=$1 budget=$2 log="$OUTDIR/sanitizer-$1.log" sanitizer
+    sanitizer=$(find_sanitizer)
+    if [ -z "$sanitizer" ]; then
+        echo "compute-sanitizer not found (looked in PATH and the CUDA toolkit)" | tee "$log"
+        record "$tool" FAIL 0 "compute-sanitizer not found"
+        return
+    fi
     # Without the caching allocator every tensor is its own allocation, so memcheck sees an
-    # out-of-bounds access that would otherwise land inside a neighbour's cached block.
-    PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --tool "$tool" --error-exitcode 99 \
-        --target-processes all --print-limit 50 \
-        "$PY" -m pytest -q -x -p no:cacheprovider -m gpu -k "$SELECTION" >"$log" 2>&1
-    rc=$?
-    tail -n 15 "$log"
-    if [ $rc -eq 5 ]; then  # pytest: no tests collected
-        record "sanitizer-$tool" SKIP $((SECONDS - start)) "no gpu test matches -k \"$SELECTION\""
-    elif [ $rc -eq 0 ]; then
-        record "sanitizer-$tool" PASS $((SECONDS - start))
-    else
-        record "sanitizer-$tool" FAIL $((SECONDS - start)) "exit $rc (99: sanitizer errors)"
-    fi
-done
+    # out-of-bounds access that would otherwise land inside a neighbour's cached block. pytest exits
+    # 5 when nothing was collected: a sanitizer run that checked nothing fails here.
+    step "$tool" "$budget" "$log" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
+        "$sanitizer" --tool "$tool" --error-exitcode 99 --target-processes all --print-limit 50 \
+        "$PY" -m pytest -q -p no:cacheprovider -m "$SANITIZER_SELECTION" -rfE
+}
 
-step bench - "$PY" -m fusedreg bench --quick --json "$OUTDIR/bench-quick.json" --plot "$OUTDIR/bench-quick.png"
+export PY
+export -f build_both
+
+echo "fusedreg gpu_check tier $TIER: $(date -u '+%Y-%m-%d %H:%M:%S UTC'), python $PY, checkout $PWD, output $OUTDIR"
+command -v nvidia-smi >/dev/null && nvidia-smi
+TIER_START=$SECONDS
+
+if [ "$TIER" = 1 ]; then
+    print_budget 1 "${TIER1_STEPS[@]}"
+    step env "$(budget_of env "${TIER1_STEPS[@]}")" - "$PY" -m fusedreg env
+    step build "$(budget_of build "${TIER1_STEPS[@]}")" - build_both
+    workers=${TEST_WORKERS:-$(nproc)}
+    [ "$workers" -gt 16 ] && workers=16
+    # shellcheck disable=SC2086  # TEST_ARGS is a list of words
+    step tests "$(budget_of tests "${TIER1_STEPS[@]}")" "$OUTDIR/tests-gpu.log" \
+        "$PY" -m pytest -q -rfE -p no:cacheprovider -m "$GPU_SELECTION" -n "$workers" \
+        --junitxml="$OUTDIR/tests-gpu.xml" ${TEST_ARGS:-}
+    budget=$(budget_of bench "${TIER1_STEPS[@]}")
+    step bench "$budget" - "$PY" -m fusedreg bench --quick --min-elements $((2**26)) --no-compile \
+        --budget $((budget - 25)) --json "$OUTDIR/bench-quick.json" --plot "$OUTDIR/bench-quick.png"
+else
+    print_budget 2 "${TIER2_STEPS[@]}"
+    step build "$(budget_of build "${TIER2_STEPS[@]}")" - build_both
+    sanitize memcheck "$(budget_of memcheck "${TIER2_STEPS[@]}")"
+    sanitize racecheck "$(budget_of racecheck "${TIER2_STEPS[@]}")"
+    total=0
+    for entry in "${TIER2_STEPS[@]}"; do total=$((total + ${entry##* })); done
+    left=$((total - (SECONDS - TIER_START)))
+    if [ $left -gt 40 ]; then
+        step bench "$left" - "$PY" -m fusedreg bench --budget $((left - 30)) \
+            --json "$OUTDIR/bench-full.json" --plot "$OUTDIR/bench-full.png"
+    else
+        record bench SKIP 0 "only $left s of the tier's budget left"
+    fi
+fi
 
 echo
-echo "=== summary"
+echo "=== summary (tier $TIER, $((SECONDS - TIER_START)) s)"
 printf '%s\n' "${SUMMARY[@]}"
 if [ $FAILED -ne 0 ]; then
-    echo "gpu_check: FAILED (details in $OUTDIR)"
+    echo "gpu_check tier $TIER: FAILED (details in $OUTDIR)"
     finish 1
 fi
-echo "gpu_check: all steps passed or were skipped (details in $OUTDIR)"
+echo "gpu_check tier $TIER: all steps passed (details in $OUTDIR)"
 finish 0
