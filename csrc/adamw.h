@@ -154,7 +154,7 @@ void adamw_dispatch_types(at::ScalarType param_dtype, at::ScalarType state_dtype
 }
 
 // grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs: list[i] pairs up element by element with
-// params[i] (shape, device, layout), with `dtype`.
+// params[i] (shape, device, layout as same_layout judges it), with `dtype`.
 inline void check_adamw_partner_list(at::TensorList params, at::TensorList list, const char* name,
                                      at::ScalarType dtype, const char* dtype_rule) {
   check_same_shapes(params, "params", list, name);
@@ -164,9 +164,10 @@ inline void check_adamw_partner_list(at::TensorList params, at::TensorList list,
                 ", but params are on ", device);
     TORCH_CHECK(list[i].scalar_type() == dtype, name, "[", i, "] has dtype ", list[i].scalar_type(),
                 ", expected ", dtype, " (", dtype_rule, ")");
-    TORCH_CHECK(list[i].numel() == 0 || list[i].strides() == params[i].strides(), name, "[", i,
-                "] has strides ", list[i].strides(), ", but params[", i, "] has ", params[i].strides(),
-                "; grads and states must have their parameter's memory layout");
+    TORCH_CHECK(list[i].numel() == 0 || same_layout(list[i], params[i]), name, "[", i, "] has strides ",
+                list[i].strides(), ", but params[", i, "] has ", params[i].strides(),
+                "; grads and states must have their parameter's memory layout (strides may differ "
+                "only on dimensions of size 1)");
   }
 }
 

@@ -16,3 +16,14 @@ def is_dense(t: torch.Tensor) -> bool:
             return False
         expected *= size
     return True
+
+
+def same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal sizes, and every element at the same memory offset: strides agree on each dimension of
+    size > 1. A size-1 dimension's index is always 0, so torch leaves its stride arbitrary
+    (AccumulateGrad keeps a contiguous grad of strides (1, 1) for a (1, 8) parameter of strides
+    (8, 1)); such tensors walk memory alike. The same rule as same_layout in csrc/common/checks.h."""
+    if a.shape != b.shape:
+        return False
+    sa, sb = a.stride(), b.stride()
+    return sa == sb or all(x == y for n, x, y in zip(a.shape, sa, sb) if n != 1)

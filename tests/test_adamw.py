@@ -718,3 +718,33 @@ def test_capture_needs_capturable():
     with pytest.raises(RuntimeError, match="capturable is False"):
         with torch.cuda.graph(graph):
             opt.step()
+
+
+@pytest.mark.parametrize("device,backend", PAIRS)
+def test_grad_with_other_strides_on_size_one_dims(device, backend):
+    """p of shape [1, 8] (strides (8, 1)) with a contiguous grad of strides (1, 1), as autograd
+    leaves it for a transposed [8, 1] result: steps like torch.optim.AdamW."""
+    torch.manual_seed(0)
+    ours = torch.nn.Parameter(torch.randn(1, 8, device=device))
+    theirs = torch.nn.Parameter(ours.detach().clone())
+    opt_ours = AdamW([ours], lr=1e-2, max_grad_norm=0.5, backend=backend)
+    opt_theirs = torch.optim.AdamW([theirs], lr=1e-2)
+    for _ in range(3):
+        grad = torch.randn(8, 1, device=device).t()
+        assert grad.stride() == (1, 1) and grad.is_contiguous()
+        ours.grad = grad
+        theirs.grad = grad.clone()
+        opt_ours.step()
+        torch.nn.utils.clip_grad_norm_([theirs], 0.5)
+        opt_theirs.step()
+    torch.testing.assert_close(ours, theirs, **FP32_TOL)
+
+
+def test_same_layout_ignores_strides_of_size_one_dims():
+    from fusedreg._layout import same_layout
+
+    p = torch.empty(1, 8)
+    assert same_layout(torch.empty(8, 1).t(), p)                      # (1, 1) vs (8, 1)
+    assert same_layout(torch.empty(5, 3).unsqueeze(1), torch.empty(5, 1, 3))
+    assert not same_layout(torch.empty(8, 3).t(), torch.empty(3, 8))  # a real transpose
+    assert not same_layout(torch.empty(8), p)                         # other sizes

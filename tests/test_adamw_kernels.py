@@ -339,3 +339,29 @@ def test_cuda_step_is_capturable_in_a_graph():
         _step(reference_step, expected, grads, hparams, True, False, grad_scale, found_inf, clip_coef)
         graph.replay()
         _assert_state_close(state, expected, **_tol(torch.bfloat16))
+
+
+@pytest.mark.parametrize("device,backend", PAIRS)
+def test_strides_of_size_one_dims_are_ignored(device, backend):
+    """A contiguous [1, 8] grad may have strides (1, 1) where its parameter has (8, 1)
+    (AccumulateGrad keeps such a grad as it is): same memory order, so the kernels accept it. The
+    moments here differ from the parameter on size-1 dimensions too."""
+    gen = torch.Generator().manual_seed(4)
+    params = [torch.randn(1, 8, generator=gen).to(device),
+              torch.randn(5, 1, 3, generator=gen).to(device)]
+    grads = [torch.randn(8, 1, generator=gen).to(device).t(),              # strides (1, 1)
+             torch.randn(15, generator=gen).to(device).as_strided((5, 1, 3), (3, 0, 1))]
+    exp_avgs = [(torch.rand(8, 1, generator=gen) * 0.1).to(device).t(),
+                (torch.rand(5, 1, 3, generator=gen) * 0.1).to(device).as_strided((5, 1, 3), (3, 7, 1))]
+    exp_avg_sqs = [(torch.rand(1, 8, generator=gen) * 0.01).to(device).as_strided((1, 8), (0, 1)),
+                   (torch.rand(5, 1, 3, generator=gen) * 0.01).to(device)]
+    assert grads[0].stride() != params[0].stride() and grads[1].stride() != params[1].stride()
+    state = dict(params=params, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs, max_exp_avg_sqs=[],
+                 steps=[torch.tensor(3.0, device=device), torch.tensor(1.0, device=device)])
+    hparams = _hparams(2, device, seed=4)
+    expected = {k: [t.contiguous() for t in v] for k, v in state.items()}
+    _step(reference_step, expected, [g.contiguous() for g in grads], hparams)
+    _step(_op(backend), state, grads, hparams)
+    for key in ("params", "exp_avgs", "exp_avg_sqs"):
+        for a, e in zip(state[key], expected[key]):
+            torch.testing.assert_close(a, e, **_tol(torch.float32))

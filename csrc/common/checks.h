@@ -42,6 +42,21 @@ inline void check_dense(const at::Tensor& t, const char* name) {
               t.sizes(), " and strides ", t.strides(), "; call .contiguous() first");
 }
 
+// Whether a and b have equal sizes and put every element at the same memory offset: their strides
+// agree on every dimension of size > 1. A size-1 dimension's index is always 0, so its stride is
+// never used and torch leaves it arbitrary: AccumulateGrad keeps a contiguous gradient of strides
+// [1, 1] for a [1, 8] parameter of strides [8, 1], and both walk memory alike.
+inline bool same_layout(const at::Tensor& a, const at::Tensor& b) {
+  const c10::IntArrayRef sizes = a.sizes();
+  if (sizes != b.sizes()) return false;
+  const c10::IntArrayRef sa = a.strides(), sb = b.strides();
+  if (sa == sb) return true;
+  for (size_t d = 0; d < sa.size(); ++d) {
+    if (sizes[d] != 1 && sa[d] != sb[d]) return false;
+  }
+  return true;
+}
+
 inline void check_contiguous(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.is_contiguous(), name, " must be contiguous, got strides ", t.strides());
 }

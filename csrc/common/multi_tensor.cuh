@@ -35,6 +35,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include "common/checks.h"
 #include "common/vec.cuh"
 
 namespace fusedreg {
@@ -108,8 +109,8 @@ inline std::vector<int64_t> chunk_offsets(at::TensorList tensors, int64_t chunk_
 // Fills MultiTensorTables with every chunk of `lists` and calls on_table(const table&) for each
 // one (full, or the last), in chunk order; the table is reused after on_table returns. Empty
 // tensors get no slot. Checks what the chunk walk relies on: equal list lengths, one device, and
-// for every i, lists[d][i] non-overlapping and dense with lists[0][i]'s numel and strides (so a
-// chunk covers the same elements in every list). Callers check dtypes and name their arguments
+// for every i, lists[d][i] non-overlapping and dense with lists[0][i]'s numel and layout
+// (same_layout: so a chunk covers the same elements in every list). Callers check dtypes and name their arguments
 // first; these messages speak of list positions.
 template <int Depth, typename OnTable>
 void for_each_table(const std::array<at::TensorList, Depth>& lists, int64_t chunk_size,
@@ -136,8 +137,9 @@ void for_each_table(const std::array<at::TensorList, Depth>& lists, int64_t chun
       if (t.numel() == 0) continue;
       TORCH_CHECK(t.is_non_overlapping_and_dense(), "multi-tensor apply: list ", d, "[", i,
                   "] must be non-overlapping and dense, got strides ", t.strides());
-      TORCH_CHECK(t.strides() == lead.strides(), "multi-tensor apply: list ", d, "[", i,
-                  "] has strides ", t.strides(), ", list 0[", i, "] has ", lead.strides());
+      TORCH_CHECK(same_layout(t, lead), "multi-tensor apply: list ", d, "[", i, "] has sizes ", t.sizes(),
+                  " and strides ", t.strides(), ", list 0[", i, "] has ", lead.sizes(), " and ",
+                  lead.strides(), " (strides may differ only on dimensions of size 1)");
     }
     const int64_t chunks = num_chunks(lead.numel(), chunk_size);
     TORCH_CHECK(chunks <= INT32_MAX, "multi-tensor apply: tensor ", i, " has too many chunks");

@@ -38,7 +38,7 @@ import torch
 from torch.optim import Optimizer
 
 from .. import _backend
-from .._layout import is_dense
+from .._layout import is_dense, same_layout
 from ..ops._dispatch import kernel
 from ..reference import adamw as reference
 from ..utils.clip import get_total_norm
@@ -373,14 +373,13 @@ class AdamW(Optimizer):
         if not is_dense(p):
             param = torch.empty_like(p).copy_(p)  # contiguous: empty_like of a non-dense tensor
             bucket.writebacks.append((p, param))
-        layout = param.stride()
-        if grad.stride() != layout or grad.dtype != p.dtype:
+        if not same_layout(grad, param) or grad.dtype != p.dtype:
             grad = torch.empty_like(param).copy_(grad)
         state_dtype = state["exp_avg"].dtype
         moments = []
         for name in _MOMENTS[:3 if amsgrad else 2]:
             m = state[name]
-            if m.stride() != layout or m.dtype != state_dtype:
+            if not same_layout(m, param) or m.dtype != state_dtype:
                 m = state[name] = torch.empty_like(param, dtype=state_dtype).copy_(m)
             moments.append(m)
         if p.is_complex():
