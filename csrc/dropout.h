@@ -18,7 +18,8 @@ struct DropoutOperands {
   at::Tensor residual;  // dropout_add only: residual in the output's layout, else undefined
   at::Tensor bias;      // dropout_add only, optional: contiguous [input.size(-1)]
   at::Tensor out;       // at::empty_like(input)
-  int64_t bias_stride = 1;  // memory distance between neighbours along the last logical dim
+  int64_t bias_stride = 1;  // memory distance between neighbours along the last logical dim (1 when
+                            // that dim has size 1: its stride is arbitrary, possibly 0)
   int64_t bias_size = 1;    // size of the last logical dim
 };
 
@@ -30,9 +31,10 @@ inline void check_dropout_args(const at::Tensor& input, const at::Tensor& seed, 
   TORCH_CHECK(p >= 0.0 && p <= 1.0, "dropout probability has to be between 0 and 1, but got ", p);
 }
 
-// `t`'s values in a tensor laid out as `like` (returns t itself when it already is).
+// `t`'s values in a tensor laid out as `like` (returns t itself when it already is: same_layout
+// with the dense `like` makes t dense too).
 inline at::Tensor in_layout_of(const at::Tensor& t, const at::Tensor& like) {
-  if (t.strides() == like.strides()) return t;
+  if (same_layout(t, like)) return t;
   return at::empty_like(like, t.options()).copy_(t);
 }
 
@@ -59,9 +61,13 @@ inline DropoutOperands prepare_dropout_add(const at::Tensor& input, const at::Te
     check_device(*bias, input.device(), "bias");
     ops.bias = bias->contiguous();
     // In a dense layout, the memory offset m of an element has index (m / stride) % size along
-    // every dim, so the last dim's index (the bias index) needs no full unravelling.
-    ops.bias_stride = ops.out.stride(-1);
-    ops.bias_size = ops.out.size(-1);
+    // every dim of size > 1, so the last dim's index (the bias index) needs no full unravelling.
+    // A size-1 last dim has index 0 everywhere and may have any stride, 0 included (a broadcast
+    // view is dense): (m / 1) % 1 says 0 without dividing by that stride.
+    if (ops.out.size(-1) != 1) {
+      ops.bias_stride = ops.out.stride(-1);
+      ops.bias_size = ops.out.size(-1);
+    }
   }
   return ops;
 }

@@ -231,3 +231,42 @@ def test_more_than_2_31_elements(backend):
     key = torch.tensor([seed & 0xFFFFFFFF, seed >> 32], device="cuda").expand(len(groups), 2)
     words = philox4x32(counter, key).gather(1, (tail % 4)[:, None]).squeeze(1)
     assert torch.equal(y[tail] != 0, words >= dropout_threshold(0.5))
+
+
+_SIZE_ONE_LAST_DIM = r"""
+import sys
+import torch
+from fusedreg.ops.dropout import DropoutAddFunction
+from fusedreg.reference import dropout as ref
+
+device, backend = sys.argv[1], sys.argv[2]
+for shape, stride in [((4, 1), (1, 0)), ((3, 5, 1), (5, 1, 0)), ((2, 3, 1), (3, 1, 7))]:
+    x = torch.randn(15, device=device).as_strided(shape, stride)
+    residual = torch.randn(shape, device=device)
+    bias = torch.randn(1, device=device, requires_grad=True)
+    x.requires_grad_(True)
+    seed = torch.tensor([987654321], device=device)
+    ours = DropoutAddFunction.apply(x, residual, bias, 0.5, seed, backend)
+    oracle = DropoutAddFunction.apply(x, residual, bias, 0.5, seed, "reference")
+    assert torch.equal(ours, oracle), (shape, stride, ours, oracle)
+    # torch's residual + F.dropout(x + bias) under the same mask
+    keep = ref.dropout_mask(x, seed, 0.5)
+    torch.testing.assert_close(oracle, residual + torch.where(keep, (x + bias) * 2.0, 0.0))
+    grad_x, grad_b = torch.autograd.grad(ours, (x, bias), torch.ones_like(ours))
+    assert torch.equal(grad_x, torch.where(keep, 2.0, 0.0)), grad_x
+    torch.testing.assert_close(grad_b, grad_x.sum().reshape(1))
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("device,backend", PAIRS)
+def test_dropout_add_bias_over_size_one_last_dim_of_any_stride(device, backend):
+    """A size-1 last dim may have stride 0 (a dense broadcast view): the bias index must not divide
+    by it. Run in a child process: the CPU kernel used to die of SIGFPE there."""
+    import subprocess
+    import sys
+
+    child = subprocess.run([sys.executable, "-c", _SIZE_ONE_LAST_DIM, device, backend],
+                           capture_output=True, text=True, timeout=600)
+    assert child.returncode == 0 and child.stdout.strip().endswith("ok"), (
+        f"exit code {child.returncode}\n{child.stdout[-2000:]}\n{child.stderr[-4000:]}")

@@ -236,8 +236,10 @@ def dropout_add_fwd(input: torch.Tensor, residual: torch.Tensor, bias: torch.Ten
             raise ValueError(f"bias must match input's dtype and device ({input.dtype}, {input.device}), "
                              f"got {bias.dtype}, {bias.device}")
         bias = bias.contiguous()
-        # In a dense layout, memory offset m has index (m // stride) % size along every dim.
-        bias_stride, bias_size = out.stride(-1), out.shape[-1]
+        # In a dense layout, memory offset m has index (m // stride) % size along every dim of
+        # size > 1. A size-1 last dim has index 0 and any stride, even 0: keep (1, 1) for it.
+        if out.shape[-1] != 1:
+            bias_stride, bias_size = out.stride(-1), out.shape[-1]
     _launch(_in_layout_of(input, out), out, seed, p, _in_layout_of(residual, out), bias,
             bias_stride, bias_size)
     return out
