@@ -171,6 +171,13 @@ def _cmd_build(args) -> int:
 # ----------------------------------------------------------------------------- bench
 
 def _cmd_bench(args, parser: argparse.ArgumentParser) -> int:
+    if args.static:  # no GPU, no timing: reads the CUDA kernels' sm_90 SASS
+        if args.ops:
+            parser.error("--static reports every CUDA kernel; it takes no OP")
+        from fusedreg.bench import static_sass
+
+        return static_sass.main(args.json, args.dtype)
+
     import torch
 
     from fusedreg.bench import harness, plot, registry, report
@@ -254,6 +261,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", metavar="PATH", help="default: bench-out/bench-<device>.json")
     bench.add_argument("--plot", metavar="PATH", help="default: bench-out/bench-<device>.png")
     bench.add_argument("--list", action="store_true", help="list the registered cases and exit")
+    bench.add_argument("--static", action="store_true",
+                       help="no timing: registers, spills, 128-bit access and SASS instructions per element "
+                            "of the CUDA kernels (sm_90, via cuobjdump) against the H200 issue budget; "
+                            "--json PATH also writes PATH's .md table")
     bench.set_defaults(bench_parser=bench)  # so bench's errors print bench's usage
     return parser
 
