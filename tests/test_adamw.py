@@ -748,3 +748,16 @@ def test_same_layout_ignores_strides_of_size_one_dims():
     assert same_layout(torch.empty(5, 3).unsqueeze(1), torch.empty(5, 1, 3))
     assert not same_layout(torch.empty(8, 3).t(), torch.empty(3, 8))  # a real transpose
     assert not same_layout(torch.empty(8), p)                         # other sizes
+
+
+def test_duplicate_parameters_in_a_group_are_refused():
+    """torch warns (and will raise); one fused step would update the tensor from two places."""
+    p, q = torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(3))
+    with pytest.raises(ValueError, match=r"duplicate parameters \(params\[0\] and params\[2\]"):
+        AdamW([p, q, p])
+    opt = AdamW([p])
+    with pytest.raises(ValueError, match="duplicate parameters"):
+        opt.add_param_group({"params": [q, q], "lr": 1e-2})
+    with pytest.raises(ValueError, match="more than one parameter group"):  # torch's own check
+        opt.add_param_group({"params": [p]})
+    assert len(opt.param_groups) == 1

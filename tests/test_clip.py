@@ -446,3 +446,61 @@ def test_gpu_mixed_devices():
     torch.testing.assert_close(norm_ours, norm_theirs, atol=0, rtol=1e-5)
     for o, t in zip([p.grad for p in ours if p.numel()], [p.grad for p in theirs]):
         torch.testing.assert_close(o, t)
+
+
+@pytest.mark.parametrize("device,backend", PAIRS)
+def test_tensor_listed_twice_is_scaled_twice_like_torch(device, backend, monkeypatch):
+    """torch counts every occurrence in the norm and scales every occurrence (coef**2 for a
+    gradient listed twice), one multiply after the other. One multi-tensor call over both would
+    have two blocks (threads) read-modify-write the same memory at once, so no call may receive
+    the same memory twice. Here: a parameter listed twice, and a view of another gradient from the
+    same address; the large one spans several chunks, so blocks of both occurrences run at once."""
+    import fusedreg.utils.clip as clip_module
+
+    calls = []
+    real_kernel = clip_module.kernel
+
+    def spy(name, backend_name, reference_module):
+        op = real_kernel(name, backend_name, reference_module)
+        if name != "multi_tensor_scale_":
+            return op
+
+        def run(tensors, scale):
+            calls.append([t.data_ptr() for t in tensors if t.numel()])
+            return op(tensors, scale)
+        return run
+
+    monkeypatch.setattr(clip_module, "kernel", spy)
+    large = (1 << 20) + 5 if device == "cuda" or backend == "cpu" else 3 * 65536 + 5
+    grads = _grads(device, torch.float32, [(large,), (7, 13), (0,), (5,)], scale=10.0)
+
+    def listing(dtype):
+        a, b, empty, c = _wrap_all([g.to(dtype, copy=True) for g in grads])
+        b_view = _wrap_all([b.grad.view(-1)])[0]
+        return [a, b, empty, a, b_view, c, empty, a]
+
+    # torch in float64: its float32 norm of 2**20 elements is itself off by ~1e-5
+    ours, theirs = listing(torch.float32), listing(torch.float64)
+    norm_ours = fusedreg.clip_grad_norm_(ours, 1.0, backend=backend)
+    norm_theirs = torch.nn.utils.clip_grad_norm_(theirs, 1.0)
+    torch.testing.assert_close(norm_ours.double(), norm_theirs, atol=0, rtol=1e-6)
+    for o, t in zip(ours, theirs):
+        torch.testing.assert_close(o.grad, t.grad.float(), atol=1e-12, rtol=1e-6)
+    assert calls and all(len(set(ptrs)) == len(ptrs) for ptrs in calls), calls
+
+
+def _wrap_all(grads):
+    """Parameter-like objects whose .grad is each of `grads` itself."""
+    return [_wrap(g)[0] for g in grads]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_tensor_listed_twice_large(backend):
+    """Many chunks of one gradient listed twice: every element scaled twice, on every run."""
+    grad = torch.randn(1 << 24, device="cuda") * 10
+    for _ in range(3):
+        ours, theirs = _wrap(grad.clone()), _wrap(grad.clone())
+        fusedreg.clip_grad_norm_(ours * 2, 1.0, backend=backend)
+        torch.nn.utils.clip_grad_norm_(theirs * 2, 1.0)
+        torch.testing.assert_close(ours[0].grad, theirs[0].grad, atol=1e-12, rtol=1e-5)

@@ -205,8 +205,24 @@ class AdamW(Optimizer):
     # ------------------------------------------------------------------ torch.optim plumbing
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        _check_differentiable(param_group.get("differentiable", False))
+        """torch's, but a parameter listed twice in one group is an error (torch warns that it will
+        be): the fused step would update it from two places at once, racing on the GPU."""
+        if isinstance(param_group, dict):  # else torch raises its own error
+            _check_differentiable(param_group.get("differentiable", False))
+            self._check_no_duplicates(param_group)
         super().add_param_group(param_group)
+
+    @staticmethod
+    def _check_no_duplicates(param_group: dict[str, Any]) -> None:
+        if isinstance(param_group["params"], (torch.Tensor, set)):  # torch handles those
+            return
+        params = param_group["params"] = list(param_group["params"])
+        seen: dict[int, int] = {}
+        for index, p in enumerate(params):
+            first = seen.setdefault(id(p[1] if isinstance(p, tuple) else p), index)  # (name, p) too
+            if first != index:
+                raise ValueError(f"optimizer contains a parameter group with duplicate parameters "
+                                 f"(params[{first}] and params[{index}] are one tensor); list it once")
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()

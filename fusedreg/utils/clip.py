@@ -179,17 +179,51 @@ def _result_dtype(groups: _Groups, norm_dtype: torch.dtype | None) -> torch.dtyp
     return functools.reduce(torch.promote_types, dtypes) if dtypes else torch.float32
 
 
+def _distinct_passes(group: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """`group` split into lists without a repeated tensor: list k holds the k-th occurrence of each.
+
+    A tensor listed twice (a parameter passed twice) is scaled twice by torch (coef**2), one
+    in-place multiply after the other. One multi-tensor launch would have two blocks (threads,
+    programs) read-modify-write the same memory at once, and the result would depend on their
+    timing; separate launches on one stream run in order. Tensors count as the same when their
+    first elements share an address (views of one storage from one offset included); views that
+    overlap from different offsets are not detected (that would need a sort per call). Under
+    torch.compile addresses are not real, so there the tensor's identity decides."""
+    if len(group) < 2:
+        return [group]
+    if torch.compiler.is_compiling():
+        keys = [id(t) for t in group]
+    else:
+        keys = [t.data_ptr() for t in group]
+        if len(set(keys)) == len(keys):  # the common case, in one pass over the list
+            return [group]
+        # empty tensors touch no memory and may all report one address
+        keys = [key if t.numel() else object() for t, key in zip(group, keys)]
+    passes: list[list[torch.Tensor]] = []
+    seen: dict = {}
+    for t, key in zip(group, keys):
+        k = seen.get(key, 0)
+        seen[key] = k + 1
+        if k == len(passes):
+            passes.append([])
+        passes[k].append(t)
+    return passes
+
+
 def _scale_grads(groups: _Groups, max_norm: float, total_norm: torch.Tensor, backend: str | None) -> None:
     """Every tensor *= clamp(max_norm / (total_norm + 1e-6), max=1), computed on total_norm's
-    device: one multi_tensor_scale_ per strided group."""
+    device: one multi_tensor_scale_ per strided group (per pass of _distinct_passes: a tensor
+    listed n times is scaled n times, as by torch)."""
     coef = torch.clamp(float(max_norm) / (total_norm + 1e-6), max=1.0)
     for (device, dtype, layout), group in groups.items():
         if layout != torch.strided:
             for g in group:
                 g.mul_(coef.to(device, dtype))
             continue
-        name = _backend.select(device, backend)
-        kernel("multi_tensor_scale_", name, reference)(group, coef.to(device, _accumulate_dtype(dtype)))
+        op = kernel("multi_tensor_scale_", _backend.select(device, backend), reference)
+        coef_acc = coef.to(device, _accumulate_dtype(dtype))
+        for tensors in _distinct_passes(group):
+            op(tensors, coef_acc)
 
 
 def _checked_norm(tensors, norm_type, error_if_nonfinite, process_group, backend):
