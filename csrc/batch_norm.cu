@@ -691,13 +691,15 @@ bn_onchip_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ dy
 
 int sm_count() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
 
-// Blocks of `kernel` resident on one SM at `threads` threads (and `smem` dynamic bytes), queried
-// once per kernel and size: a grid-stride kernel launched with more would run a mostly idle wave.
+// Blocks of `kernel` resident on one SM of the current device at `threads` threads (and `smem`
+// dynamic bytes), queried once per device, kernel and size: a grid-stride kernel launched with
+// more would run a mostly idle wave. Per device: GPUs of one process may differ, and the answer
+// for smem beyond 48 KiB depends on onchip_capacity's attribute, which is per device.
 int resident_per_sm(const void* kernel, int threads, size_t smem = 0) {
   static std::mutex mutex;
-  static std::map<std::tuple<const void*, int, size_t>, int> cache;
+  static std::map<std::tuple<int, const void*, int, size_t>, int> cache;
   const std::lock_guard<std::mutex> lock(mutex);
-  const auto key = std::make_tuple(kernel, threads, smem);
+  const auto key = std::make_tuple(static_cast<int>(c10::cuda::current_device()), kernel, threads, smem);
   auto it = cache.find(key);
   if (it == cache.end()) {
     int blocks = 0;
@@ -840,13 +842,15 @@ void launch_elementwise(const BatchNormOperands& ops, const CoefArgs<acc_t<scala
   });
 }
 
-// Dynamic shared memory an on-chip kernel may use on this device (opt-in maximum less its static
-// shared memory), allowed on the kernel once per process.
+// Dynamic shared memory an on-chip kernel may use on the current device (opt-in maximum less its
+// static shared memory), allowed on the kernel once per device: a function attribute set on one
+// device does not carry over to another, where launching with more than 48 KiB then fails.
 int64_t onchip_capacity(const void* kernel) {
   static std::mutex mutex;
-  static std::map<const void*, int64_t> cache;
+  static std::map<std::pair<int, const void*>, int64_t> cache;
   const std::lock_guard<std::mutex> lock(mutex);
-  auto it = cache.find(kernel);
+  const auto key = std::make_pair(static_cast<int>(c10::cuda::current_device()), kernel);
+  auto it = cache.find(key);
   if (it == cache.end()) {
     cudaFuncAttributes attr;
     C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
@@ -854,7 +858,7 @@ int64_t onchip_capacity(const void* kernel) {
     const int64_t capacity = optin - static_cast<int64_t>(attr.sharedSizeBytes);
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         static_cast<int>(capacity)));
-    it = cache.emplace(kernel, capacity).first;
+    it = cache.emplace(key, capacity).first;
   }
   return it->second;
 }
