@@ -25,6 +25,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
+#include <atomic>
 #include <type_traits>
 
 #include "common/checks.h"
@@ -177,19 +179,27 @@ dropout_fwd_kernel(const scalar_t* x,                          // [n] in the out
   }
 }
 
-// Blocks of the kernel that fit on one SM at once, queried once per process (it depends only on
-// the kernel and the architecture). A grid-stride kernel launched with more blocks than fit would
-// run the excess as a second, mostly idle wave; the occupancy query, unlike a fixed threads-per-SM
-// figure, accounts for kernels whose register count limits residency.
+// Blocks of the kernel resident on the current device at once (SMs x blocks per SM), queried once
+// per device and kept per kernel instantiation. A grid-stride kernel launched with more blocks than
+// fit would run the excess as a second, mostly idle wave; the occupancy query, unlike a fixed
+// threads-per-SM figure, accounts for kernels whose register count limits residency. Per device:
+// the GPUs of one process may differ. Both queries are attribute reads, neither a stream operation
+// nor a synchronization, so a first use inside CUDA-graph capture is allowed. Two threads may both
+// query on a first use; they store the same value.
 template <typename scalar_t, bool kAdd, bool kVec>
-int blocks_per_sm() {
-  static const int per_sm = [] {
-    int blocks = 0;
+int64_t resident_blocks() {
+  static std::array<std::atomic<int64_t>, C10_COMPILE_TIME_MAX_GPUS> cache{};  // 0: not queried
+  const int device = c10::cuda::current_device();
+  int64_t resident = cache[device].load(std::memory_order_relaxed);
+  if (resident == 0) {
+    int sms = 0, per_sm = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
     C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-        &blocks, dropout_fwd_kernel<scalar_t, kAdd, kVec>, kThreads, 0));
-    return std::max(blocks, 1);
-  }();
-  return per_sm;
+        &per_sm, dropout_fwd_kernel<scalar_t, kAdd, kVec>, kThreads, 0));
+    resident = static_cast<int64_t>(std::max(sms, 1)) * std::max(per_sm, 1);
+    cache[device].store(resident, std::memory_order_relaxed);
+  }
+  return resident;
 }
 
 template <typename scalar_t, bool kAdd, bool kVec>
@@ -197,9 +207,7 @@ void launch_dropout_kernel(const scalar_t* x, const scalar_t* residual, const sc
                            scalar_t* out, const uint64_t* seed_ptr, DropoutArgs<acc_t<scalar_t>> args) {
   constexpr int64_t kChunk = chunk_elems<scalar_t>();
   const int64_t chunks = (args.n + kChunk - 1) / kChunk;
-  const int64_t resident = static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->multiProcessorCount) *
-                           blocks_per_sm<scalar_t, kAdd, kVec>();
-  const int64_t blocks = std::min((chunks + kThreads - 1) / kThreads, resident);
+  const int64_t blocks = std::min((chunks + kThreads - 1) / kThreads, resident_blocks<scalar_t, kAdd, kVec>());
   // A thread's bias cursor moves by one grid-stride step per iteration.
   const int64_t step = blocks * kThreads * kChunk;
   args.step_r = step % args.bias_stride;

@@ -761,3 +761,111 @@ def test_duplicate_parameters_in_a_group_are_refused():
     with pytest.raises(ValueError, match="more than one parameter group"):  # torch's own check
         opt.add_param_group({"params": [p]})
     assert len(opt.param_groups) == 1
+
+
+class _capturing:
+    """Makes AdamW see a CUDA-graph capture in progress (CPU tensors: the logic, not a graph)."""
+
+    def __enter__(self):
+        self.patch = pytest.MonkeyPatch()
+        self.patch.setattr(torch.cuda, "is_initialized", lambda: True)
+        self.patch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+
+    def __exit__(self, *exc):
+        self.patch.undo()
+
+
+def test_first_step_inside_capture_is_refused():
+    """State created during capture would be zero-filled again by every replay."""
+    p = torch.nn.Parameter(torch.randn(5))
+    p.grad = torch.randn(5)
+    opt = AdamW([p], capturable=True, backend="reference")
+    before = p.detach().clone()
+    with _capturing(), pytest.raises(RuntimeError, match=r"run step\(\) eagerly at least once"):
+        opt.step()
+    assert torch.equal(p, before) and not opt.state[p]
+
+
+def test_hyperparameter_rows_are_not_shared_with_a_capture(monkeypatch):
+    """Rows built while capturing hold nothing until a replay, and rows cached eagerly may be freed
+    while a graph still reads them: a captured step builds its own and caches nothing."""
+    calls = []
+    real_kernel = adamw_module.kernel
+
+    def spy(name, backend, reference):
+        op = real_kernel(name, backend, reference)
+
+        def run(*args):
+            calls.append(args[6])  # hparams
+            return op(*args)
+        return run
+
+    monkeypatch.setattr(adamw_module, "kernel", spy)
+    p = torch.nn.Parameter(torch.randn(5))
+    opt = AdamW([p], lr=1e-3, capturable=True, backend="reference")
+    for captured in (False, True, False, True):
+        p.grad = torch.randn(5)
+        if captured:
+            with _capturing():
+                opt.step()
+        else:
+            opt.step()
+        if len(calls) == 2:
+            opt.param_groups[0]["lr"] = 2e-3
+    eager_1, captured_1, eager_2, captured_2 = calls
+    assert captured_1 is not eager_1 and captured_2 is not eager_2 and eager_2 is not captured_1
+    expected = torch.tensor([[2e-3, 0.9, 0.999, 1e-2, 1e-8]], dtype=torch.float64)
+    torch.testing.assert_close(eager_2, expected)
+    torch.testing.assert_close(captured_2, expected)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", CUDA_BACKENDS)
+def test_cuda_first_step_inside_capture_is_refused(backend):
+    p = torch.nn.Parameter(torch.randn(8, device="cuda"))
+    p.grad = torch.randn_like(p)
+    opt = AdamW([p], capturable=True, backend=backend)
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match=r"run step\(\) eagerly at least once"):
+        with torch.cuda.graph(graph):
+            opt.step()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", CUDA_BACKENDS)
+def test_cuda_eager_step_after_capture_reads_its_own_rows(backend):
+    """A float lr changed between warm-up and capture makes the captured step build new rows. An
+    eager step before any replay must not read those (unwritten until a replay), and the graph
+    keeps its own rows whatever the eager steps cache."""
+    torch.manual_seed(0)
+    ours = torch.nn.Parameter(torch.randn(4099, device="cuda"))
+    theirs = torch.nn.Parameter(ours.detach().clone())
+    opt = AdamW([ours], lr=1e-3, capturable=True, backend=backend)
+    ref = torch.optim.AdamW([theirs], lr=1e-3)
+    static_grad = torch.zeros_like(ours)
+    ours.grad = static_grad
+    grads = [torch.randn_like(ours) for _ in range(4)]
+
+    def eager(k, lr):
+        static_grad.copy_(grads[k])
+        opt.param_groups[0]["lr"] = lr
+        opt.step()
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        eager(0, 1e-3)
+    torch.cuda.current_stream().wait_stream(side)
+    opt.param_groups[0]["lr"] = 2e-3
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        opt.step()
+    eager(1, 2e-3)            # before any replay
+    eager(2, 5e-3)            # replaces the eager cache entry
+    static_grad.copy_(grads[3])
+    graph.replay()            # still lr 2e-3
+    for k, lr in enumerate([1e-3, 2e-3, 5e-3, 2e-3]):
+        ref.param_groups[0]["lr"] = lr
+        theirs.grad = grads[k].clone()
+        ref.step()
+    torch.testing.assert_close(ours, theirs, **FP32_TOL)

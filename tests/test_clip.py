@@ -504,3 +504,50 @@ def test_gpu_tensor_listed_twice_large(backend):
         fusedreg.clip_grad_norm_(ours * 2, 1.0, backend=backend)
         torch.nn.utils.clip_grad_norm_(theirs * 2, 1.0)
         torch.testing.assert_close(ours[0].grad, theirs[0].grad, atol=1e-12, rtol=1e-5)
+
+
+@pytest.mark.parametrize("device,backend", [p for p in PAIRS if p.values[0] == "cpu"])
+def test_python_float_norm_makes_no_host_tensor(device, backend, monkeypatch):
+    """clip_grads_with_norm_ with total_norm a float fills the norm on the device instead of
+    copying it from the host (a pageable copy waits for the GPU and cannot be captured)."""
+    made = []
+    real_tensor = torch.tensor
+
+    def tensor(data, *args, **kwargs):
+        if isinstance(data, (int, float)):
+            made.append(data)
+        return real_tensor(data, *args, **kwargs)
+
+    grads = _grads(device, torch.float32, SHAPES[:3])
+    ours, theirs = _params(grads), _params(grads)
+    monkeypatch.setattr(torch, "tensor", tensor)
+    fusedreg.clip_grads_with_norm_(ours, 1.0, 7.5, backend=backend)
+    monkeypatch.undo()
+    assert made == []
+    torch.nn.utils.clip_grads_with_norm_(theirs, 1.0, torch.tensor(7.5))
+    for o, t in zip(ours, theirs):
+        torch.testing.assert_close(o.grad, t.grad)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_python_float_norm_no_sync_and_capturable(backend):
+    grads = _grads("cuda", torch.float32, SHAPES[:3])
+    params = _params(grads)
+    fusedreg.clip_grads_with_norm_(params, 1.0, 7.5, backend=backend)  # warm-up: build, compile
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        fusedreg.clip_grads_with_norm_(params, 1.0, 7.5, backend=backend)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    for p, g in zip(params, grads):
+        p.grad.copy_(g)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fusedreg.clip_grads_with_norm_(params, 1.0, 7.5, backend=backend)
+    graph.replay()
+    expected = _params(grads)
+    torch.nn.utils.clip_grads_with_norm_(expected, 1.0, torch.tensor(7.5, device="cuda"))
+    for p, e in zip(params, expected):
+        torch.testing.assert_close(p.grad, e.grad)

@@ -270,3 +270,42 @@ def test_dropout_add_bias_over_size_one_last_dim_of_any_stride(device, backend):
                            capture_output=True, text=True, timeout=600)
     assert child.returncode == 0 and child.stdout.strip().endswith("ok"), (
         f"exit code {child.returncode}\n{child.stdout[-2000:]}\n{child.stderr[-4000:]}")
+
+
+_FIRST_USE_IN_CAPTURE = r"""
+import sys
+import torch
+import fusedreg
+from fusedreg import _backend
+from fusedreg.ops.dropout import DropoutAddFunction
+
+backend = sys.argv[1]
+_backend.select(torch.device("cuda"), backend)  # load the library (or import Triton) first
+x = torch.randn(3, 1 << 16, device="cuda")
+residual = torch.randn_like(x)
+bias = torch.randn(1 << 16, device="cuda")
+seed = torch.tensor([12345], device="cuda")
+graph = torch.cuda.CUDAGraph()
+with torch.cuda.graph(graph):  # the launchers' first use on this device
+    y = fusedreg.DropoutFunction.apply(x, 0.3, seed, backend, False)
+    z = DropoutAddFunction.apply(x, residual, bias, 0.3, seed, backend)
+graph.replay()
+torch.cuda.synchronize()
+assert torch.equal(y, fusedreg.DropoutFunction.apply(x, 0.3, seed, "reference", False))
+assert torch.equal(z, DropoutAddFunction.apply(x, residual, bias, 0.3, seed, "reference"))
+print("ok")
+"""
+
+
+@pytest.mark.gpu
+def test_cuda_first_launch_inside_cuda_graph_capture():
+    """The CUDA launcher's first use queries the device (SMs, occupancy) inside the capture: only
+    capture-safe queries may run there. A fresh process, so nothing is cached yet. (The Triton
+    backend compiles and loads its kernel on first use, which belongs before a capture.)"""
+    import subprocess
+    import sys
+
+    child = subprocess.run([sys.executable, "-c", _FIRST_USE_IN_CAPTURE, "cuda"],
+                           capture_output=True, text=True, timeout=600)
+    assert child.returncode == 0 and child.stdout.strip().endswith("ok"), (
+        f"exit code {child.returncode}\n{child.stdout[-2000:]}\n{child.stderr[-4000:]}")

@@ -13,7 +13,9 @@ Choices and their trade-offs:
 - The hyperparameter tensor is cached per bucket and rebuilt only when a value changes: floats by
   value, Tensor values by identity and version counter (a scheduler's in-place `fill_` bumps it).
   With capturable=True and Tensor hyperparameters it is instead rebuilt on the device every step,
-  so a CUDA-graph capture records the rebuild and each replay reads the current lr.
+  so a CUDA-graph capture records the rebuild and each replay reads the current lr. A captured
+  step never shares rows with the cache (see _hparams), and one that would create state is refused:
+  warm up eagerly first, as torch.cuda.graph's documentation asks.
 - state["step"] is always a float32 scalar on the parameter's device (torch's layout for its fused
   and capturable modes): the kernel reads it there, torch.optim.AdamW accepts it in every mode,
   and torch's CPU step counts move there on load. Moments are in the parameter's dtype (as torch),
@@ -267,13 +269,22 @@ class AdamW(Optimizer):
         for key in _MOMENTS[:3 if amsgrad else 2]:
             state[key] = torch.zeros_like(p, dtype=self._state_dtype(p), memory_format=torch.preserve_format)
 
-    def _graph_capture_check(self) -> None:
-        """torch's rule: capturing step() needs capturable=True (which makes the hyperparameter
-        rows a device computation that the graph records)."""
-        if (torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()
-                and not all(group["capturable"] for group in self.param_groups)):
+    def _graph_capture_check(self) -> bool:
+        """Whether step() is being captured in a CUDA graph. torch's rule: capturing step() needs
+        capturable=True (which makes the hyperparameter rows a device computation that the graph
+        records)."""
+        capturing = torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()
+        if capturing and not all(group["capturable"] for group in self.param_groups):
             raise RuntimeError(f"Attempting CUDA graph capture of step() for an instance of "
                                f"{type(self).__name__} but param_groups' capturable is False.")
+        return capturing
+
+    @staticmethod
+    def _refuse_state_in_capture(what: str) -> None:
+        """State made during capture would be made again (zero-filled, copied) by every replay."""
+        raise RuntimeError(f"fusedreg.optim.AdamW: step() is being captured in a CUDA graph, but {what}; "
+                           "run step() eagerly at least once before capturing it (e.g. in the usual "
+                           "warm-up iterations on a side stream), so that the state exists already")
 
     # ------------------------------------------------------------------ the step
 
@@ -287,7 +298,7 @@ class AdamW(Optimizer):
         are divided by grad_scale inside the kernel; a nonzero found_inf skips the whole step,
         step counts included. Nothing is read back to the host.
         """
-        self._graph_capture_check()
+        capturing = self._graph_capture_check()
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -297,7 +308,7 @@ class AdamW(Optimizer):
         if found_inf is None:
             found_inf = getattr(self, "found_inf", None)
 
-        buckets = self._buckets()
+        buckets = self._buckets(capturing)
         if not buckets:
             return loss
         clip_coef = None
@@ -317,7 +328,7 @@ class AdamW(Optimizer):
             torch._foreach_add_(bucket.all_steps, 1 if advance_d is None else advance_d)
             if bucket.params:
                 amsgrad, maximize = key[3], key[4]
-                hparams = self._hparams(key, bucket, signatures)
+                hparams = self._hparams(key, bucket, signatures, capturing)
                 op = kernel("adamw_step_", _backend.select(device, self.backend), reference)
                 op(bucket.params, bucket.grads, bucket.exp_avgs, bucket.exp_avg_sqs,
                    bucket.max_exp_avg_sqs, bucket.steps, hparams, amsgrad, maximize,
@@ -326,7 +337,7 @@ class AdamW(Optimizer):
                 param.copy_(dense)
         return loss
 
-    def _buckets(self) -> dict[tuple, _Bucket]:
+    def _buckets(self, capturing: bool) -> dict[tuple, _Bucket]:
         """Parameters with gradients, bucketed by (device, dtype, state dtype, amsgrad, maximize);
         creates missing state. Runs every step over every parameter, so the common case (all
         contiguous, real) costs a handful of attribute reads; the rest goes through _dense_views."""
@@ -344,8 +355,12 @@ class AdamW(Optimizer):
                                        "SparseAdam instead")
                 state = states[p]
                 if not state:
+                    if capturing:
+                        self._refuse_state_in_capture("a parameter has no optimizer state yet")
                     self._init_state(p, state, amsgrad)
                 elif amsgrad and "max_exp_avg_sq" not in state:  # amsgrad switched on mid-training
+                    if capturing:
+                        self._refuse_state_in_capture("amsgrad needs a max_exp_avg_sq it has not made yet")
                     state["max_exp_avg_sq"] = torch.zeros_like(state["exp_avg_sq"])
                 exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
                 max_exp_avg_sq = state["max_exp_avg_sq"] if amsgrad else None
@@ -363,7 +378,7 @@ class AdamW(Optimizer):
                         and exp_avg_sq.is_contiguous() and key[1] not in _COMPLEX
                         and (max_exp_avg_sq is None or max_exp_avg_sq.is_contiguous())):
                     param, grad, (exp_avg, exp_avg_sq, max_exp_avg_sq) = self._dense_views(
-                        p, grad, state, amsgrad, bucket)
+                        p, grad, state, amsgrad, bucket, capturing)
                 bucket.params.append(param)
                 bucket.grads.append(grad)
                 bucket.exp_avgs.append(exp_avg)
@@ -379,7 +394,7 @@ class AdamW(Optimizer):
         return buckets
 
     @staticmethod
-    def _dense_views(p, grad, state, amsgrad, bucket):
+    def _dense_views(p, grad, state, amsgrad, bucket, capturing):
         """(param, grad, moments) as the kernel needs them: one dense layout shared by all, real.
 
         A non-dense parameter is replaced by a dense copy, registered for copying back; a gradient
@@ -396,6 +411,9 @@ class AdamW(Optimizer):
         for name in _MOMENTS[:3 if amsgrad else 2]:
             m = state[name]
             if not same_layout(m, param) or m.dtype != state_dtype:
+                if capturing:
+                    AdamW._refuse_state_in_capture(f"state[{name!r}] must first be re-laid out "
+                                                   "like its parameter")
                 m = state[name] = torch.empty_like(param, dtype=state_dtype).copy_(m)
             moments.append(m)
         if p.is_complex():
@@ -405,21 +423,25 @@ class AdamW(Optimizer):
             moments.append(None)
         return param, grad, moments
 
-    def _hparams(self, key: tuple, bucket: _Bucket, signatures: list[tuple]) -> torch.Tensor:
+    def _hparams(self, key: tuple, bucket: _Bucket, signatures: list[tuple], capturing: bool) -> torch.Tensor:
         """float64 [n, 5] rows (lr, beta1, beta2, weight_decay, eps) per tensor of the bucket, on
-        its device; cached while the groups' values (and the tensors' versions) stay the same."""
+        its device; cached while the groups' values (and the tensors' versions) stay the same.
+
+        Under CUDA-graph capture they are built afresh and not cached: rows made during capture
+        hold nothing until a replay (an eager step reading them would read garbage), and a graph
+        reading the cached rows would read freed memory once a new value replaced the entry."""
         groups = self.param_groups
         runs = [(index, count) for index, count in bucket.runs]
         signature = tuple((index, count, signatures[index]) for index, count in runs)
         has_tensor = [any(isinstance(v, torch.Tensor) for v in _group_values(groups[i])) for i, _ in runs]
         on_device = any(has_tensor) or any(groups[i]["capturable"] for i, _ in runs)
         every_step = any(t and groups[i]["capturable"] for t, (i, _) in zip(has_tensor, runs))
-        cached = self._hparams_cache.get(key)
+        device = key[0]
+        cached = None if capturing else self._hparams_cache.get(key)
         if cached is not None and not every_step and cached[0] == signature:
             return cached[1]
 
-        device = key[0]
-        if on_device:
+        if on_device or capturing:
             hparams = torch.cat([_device_row(_group_values(groups[i]), device).expand(count, 5)
                                  for i, count in runs])
         else:  # one host-to-device copy, asynchronous from pinned memory
@@ -430,6 +452,8 @@ class AdamW(Optimizer):
             if device.type == "cuda":
                 host = host.pin_memory()
             hparams = host.to(device, non_blocking=True)
+        if capturing:
+            return hparams
         # the Tensor values are kept alive with the entry, so their ids in `signature` stay theirs
         keep_alive = [v for i, _ in runs for v in _group_values(groups[i]) if isinstance(v, torch.Tensor)]
         self._hparams_cache[key] = (signature, hparams, keep_alive)

@@ -266,7 +266,9 @@ def clip_grads_with_norm_(parameters: _TensorOrTensors, max_norm: float, total_n
     if not grads:
         return
     if not isinstance(total_norm, torch.Tensor):
-        total_norm = torch.tensor(float(total_norm), device=grads[0].device)
+        # A fill on the device, not torch.tensor(x, device=...): that copies from pageable host
+        # memory, which waits for the device, and is refused during CUDA-graph capture.
+        total_norm = torch.full((), float(total_norm), device=grads[0].device)
     _scale_grads(_group(grads), max_norm, total_norm, backend)
 
 
