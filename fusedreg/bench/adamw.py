@@ -6,6 +6,11 @@ Cases:
                 768; a 4-layer, 256-wide one on CPU): launch-bound on the small tensors, so it is
                 also timed as CUDA-graph replays (every optimizer that can be captured is built
                 with capturable=True)
+  adamw/host    the host time of one fusedreg[triton] step over 100 and 1,000 small parameters,
+                the kernel launch left out (prepare_step: argument checks + pointer table), on CPU
+                tensors: the Python work a GPU step pays before Triton's own launch overhead, with
+                the table cached (every step after the first) and rebuilt (a first step, or new
+                tensors); the pinned host-to-device copy of a rebuilt table is not included
 
 Floor (DESIGN §5): read p, g, m, v and write p, m, v = 7 x itemsize bytes per parameter (28 B
 fp32), moments in the parameter's dtype as torch keeps them. torch's foreach AdamW moves ~80 B.
@@ -17,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from ..optim import AdamW
-from .registry import Case, Impl, register
+from .registry import Case, Impl, Skip, register
 
 LR = 1e-3
 
@@ -154,4 +159,45 @@ register(Case(
     cuda_graph=True,
     note="GPT-2 parameter list, one step; floor 7 x itemsize bytes/param; "
          "fusedreg and torch fused built capturable=True (CUDA-graph replays)",
+))
+
+
+# ----------------------------------------------------------------------------- host time of a step
+
+def _make_host(size, dtype: torch.dtype, device: str):
+    """prepare_step's arguments for n tensors of numel elements, in their own allocations."""
+    n, numel = size
+    params = [torch.randn(numel, device=device).to(dtype) for _ in range(n)]
+    grads = [torch.randn(numel, device=device).to(dtype) * 1e-2 for _ in range(n)]
+    exp_avgs = [torch.zeros(numel, device=device, dtype=dtype) for _ in range(n)]
+    exp_avg_sqs = [torch.zeros(numel, device=device, dtype=dtype) for _ in range(n)]
+    steps = [torch.ones((), device=device) for _ in range(n)]
+    hparams = torch.tensor([[LR, 0.9, 0.999, 1e-2, 1e-8]] * n, dtype=torch.float64, device=device)
+    return [params, grads, exp_avgs, exp_avg_sqs, [], steps, hparams, False, None, None, None]
+
+
+def _triton_host(cached: bool):
+    def setup(args):
+        try:
+            from ..triton import _pointer_table, adamw as triton_adamw
+        except Exception as exc:  # no triton here
+            raise Skip(f"fusedreg.triton does not import: {type(exc).__name__}: {exc}") from exc
+        # its own cache; one that keeps nothing checks every tensor and builds the table every call
+        tables = _pointer_table.TableCache(1 if cached else 0)
+        return lambda: triton_adamw.prepare_step(*args, tables=tables)
+    return setup
+
+
+register(Case(
+    op="adamw", name="host", make=_make_host,
+    bytes_moved=lambda size, dtype: _floor_bytes(size[0] * size[1], dtype),
+    impls={"fusedreg[triton] host, cached table": Impl(_triton_host(cached=True)),
+           "fusedreg[triton] host, table rebuilt": Impl(_triton_host(cached=False))},
+    sizes={"cpu": [(100, 64), (1000, 64)]},
+    quick_sizes={"cpu": [(1000, 64)]},
+    dtypes=(torch.float32,),
+    devices=("cpu",),
+    size_label=lambda size: f"{size[0]} x {size[1]}",
+    note="host time of one fusedreg[triton] step before its launch (checks + pointer table), "
+         "CPU tensors; GB/s = the step's floor bytes over host time, the most the host lets a GPU reach",
 ))

@@ -1,38 +1,52 @@
 """Triton kernel of fusedreg::adamw_step__triton: one AdamW step over a list of tensors, one launch.
 
-Algorithm: a pointer table. The host writes the data addresses of every tensor (params, grads,
-exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps) as int64 into one device tensor, together with the
-numels and, for every program, its (tensor, chunk); program i casts the addresses back to typed
-pointers (`tl.load(table + k).to(tl.pointer_type(...))`) and updates chunk i: 65536 elements of one
-tensor, BLOCK at a time, p, g, m, v (max_v) read once and written once (28 bytes per fp32 parameter).
-Each program computes its tensor's scalars from its hparams row and step in float64, as torch does
-in Python floats (beta**t as exp2(t * log2(beta)), the one form Triton has in both the compiler and
-the interpreter); elements are updated in fp32 (fp64 for float64 params) with correctly rounded
-division and square root and no FMA contraction, in the order of fusedreg/reference/adamw.py, and
-rounded once. found_inf empties every program's range: nothing is written.
+Algorithm: a pointer table (fusedreg/triton/_pointer_table.py). One int64 device tensor holds the
+data addresses of every tensor (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps), the
+numels, a vector flag per tensor and, for every program, its (tensor, chunk); program i casts the
+addresses back to typed pointers (`tl.load(table + k).to(tl.pointer_type(...))`) and updates chunk
+i: 65536 elements of one tensor, BLOCK at a time, p, g, m, v (max_v) read once and written once (28
+bytes per fp32 parameter). Each program computes its tensor's scalars from its hparams row and step
+in float64, as torch does in Python floats (beta**t as exp2(t * log2(beta)), the one form Triton has
+in both the compiler and the interpreter); elements are updated in fp32 (fp64 for float64 params)
+with correctly rounded division and square root and no FMA contraction, in the order of
+fusedreg/reference/adamw.py, and rounded once. found_inf empties every program's range.
 
-Trade-offs: the table is built on the host and copied (one pinned, asynchronous copy per call), so
-unlike the cuda backend a call is not capturable in a CUDA graph. Addresses read from memory carry
-no alignment for the compiler, so full blocks are told their pointers are 16-byte aligned
-(tl.multiple_of) when the host has checked they all are (ALIGNED, then 16-byte vector accesses), and
-only the chunk's last partial block is masked.
+Addresses read from memory carry no alignment for the compiler. A tensor's full blocks are told
+their pointers are 16-byte aligned (tl.multiple_of: 16-byte vector accesses) only when the host
+found every operand of that tensor aligned (p, g, m, v, max_v: its vector flag); a flat gradient
+buffer (DDP's gradient_as_bucket_view) puts grads at any offset, so the flag is per tensor and the
+kernel branches on it at run time. Only a chunk's last partial block is masked.
+
+Host side and its trade-off: checking thousands of tensors and building their table in Python
+would cost far more than the step's GPU time, so the table is cached by every tensor's address and
+byte size (+ device, dtype). A call that matches a cached table - one whose tensors passed every
+check - re-checks what is O(1) and the memory layout (one contiguity test per tensor, the full rule
+only for tensors that are not contiguous), not shapes, dtypes and devices tensor by tensor. What it
+skips cannot make the kernel touch other bytes or pair other elements: equal addresses, byte sizes
+and layouts fix both (CUDA's unified addressing gives different devices different addresses). It
+would miss a tensor swapped, at exactly the checked one's address, for one of another shape with as
+many elements or of another dtype as wide (bfloat16 for float16). A CUDA graph can be captured once
+a call with the same tensors has run: the capture reuses the cached table, which then stays alive.
 """
 from __future__ import annotations
 
 import contextlib
+import operator
 
 import torch
 import triton
 import triton.language as tl
 
-from . import _common
+from .._layout import is_dense, same_layout
+from . import _common, _pointer_table
 from ._common import float32_to_bfloat16_rne, interpreted, registered_as
 
-__all__ = ["adamw_step_"]
+__all__ = ["adamw_step_", "prepare_step"]
 
 _CHUNK = 65536    # elements per program (as the cuda backend's chunks)
 _BLOCK = 1024     # elements per loop step of a program
 _NUM_WARPS = 4
+_TABLE_CACHE_SIZE = 16  # distinct tensor sets in use at once: optimizer buckets, a few models
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.float64: tl.float64, torch.float16: tl.float16,
               torch.bfloat16: tl.bfloat16}
@@ -109,10 +123,23 @@ def _update_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, offs, mask,
 
 
 @triton.jit
+def _full_blocks(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, begin, full_end,
+                 decay, lerp_coef, lerp_from_grad, beta2, one_minus_beta2, step_size,
+                 bias_correction2_sqrt, eps, grad_scale, grad_coef,
+                 AMSGRAD: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, FP64: tl.constexpr,
+                 BF16_ROUND_BY_BITS: tl.constexpr, BLOCK: tl.constexpr):
+    for start in range(begin, full_end, BLOCK):
+        offs = tl.max_contiguous(tl.multiple_of(start + tl.arange(0, BLOCK), BLOCK), BLOCK)
+        _update_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, offs, None, decay, lerp_coef, lerp_from_grad,
+                      beta2, one_minus_beta2, step_size, bias_correction2_sqrt, eps, grad_scale, grad_coef,
+                      AMSGRAD, HAS_GRAD_SCALE, False, FP64, BF16_ROUND_BY_BITS)
+
+
+@triton.jit
 def _adamw_kernel(
-    table_ptr,        # int64 [L * n + n + 2 * programs]: addresses [L, n] (rows params, grads,
-                      # exp_avgs, exp_avg_sqs, (max_exp_avg_sqs,) steps), numels [n], program ->
-                      # tensor [programs], program -> chunk [programs]
+    table_ptr,        # int64 [L * n + 2 * n + 2 * programs]: addresses [L, n] (rows params, grads,
+                      # exp_avgs, exp_avg_sqs, (max_exp_avg_sqs,) steps), numels [n], vector flags
+                      # [n], program -> tensor [programs], program -> chunk [programs]
     hparams_ptr,      # float64 [n, 5] contiguous: lr, beta1, beta2, weight_decay, eps per tensor
     grad_scale_ptr,   # [1] float32/float64; read only when HAS_GRAD_SCALE
     found_inf_ptr,    # [1] float32/float64; read only when HAS_FOUND_INF
@@ -126,7 +153,6 @@ def _adamw_kernel(
     HAS_GRAD_SCALE: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr,
     HAS_CLIP_COEF: tl.constexpr,
-    ALIGNED: tl.constexpr,       # every address is 16-byte aligned (host-checked)
     FP64: tl.constexpr,          # math in float64 (float64 params)
     BF16_ROUND_BY_BITS: tl.constexpr,  # interpreter: round bfloat16 stores by integer ops
     CHUNK: tl.constexpr,         # elements per program
@@ -136,9 +162,10 @@ def _adamw_kernel(
     n_lists: tl.constexpr = 6 if AMSGRAD else 5
     program = tl.program_id(0)
     numels_ptr = table_ptr + n_lists * n_tensors
-    tensor = tl.load(numels_ptr + n_tensors + program)
-    chunk = tl.load(numels_ptr + n_tensors + n_programs + program)
+    tensor = tl.load(numels_ptr + 2 * n_tensors + program)
+    chunk = tl.load(numels_ptr + 2 * n_tensors + n_programs + program)
     numel = tl.load(numels_ptr + tensor)
+    vector = tl.load(numels_ptr + n_tensors + tensor) != 0
     begin = chunk * CHUNK
     end = tl.minimum(begin + CHUNK, numel)
     if HAS_FOUND_INF:
@@ -153,12 +180,6 @@ def _adamw_kernel(
     if AMSGRAD:
         vmax_ptr = tl.load(table_ptr + 4 * n_tensors + tensor).to(tl.pointer_type(STATE_DTYPE))
     step_ptr = tl.load(table_ptr + (n_lists - 1) * n_tensors + tensor).to(tl.pointer_type(tl.float32))
-    if ALIGNED:
-        p_ptr = tl.multiple_of(p_ptr, 16)
-        g_ptr = tl.multiple_of(g_ptr, 16)
-        m_ptr = tl.multiple_of(m_ptr, 16)
-        v_ptr = tl.multiple_of(v_ptr, 16)
-        vmax_ptr = tl.multiple_of(vmax_ptr, 16)
 
     # Per-tensor scalars in float64, as torch computes them in Python floats, then rounded once.
     row = hparams_ptr + tensor * 5
@@ -186,31 +207,29 @@ def _adamw_kernel(
     if MAXIMIZE:
         grad_coef = -grad_coef
 
-    for start in range(begin, full_end, BLOCK):
-        offs = tl.max_contiguous(tl.multiple_of(start + tl.arange(0, BLOCK), BLOCK), BLOCK)
-        _update_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, offs, None, decay, lerp_coef, lerp_from_grad,
-                      beta2, one_minus_beta2, step_size, bias_correction2_sqrt, eps, grad_scale, grad_coef,
-                      AMSGRAD, HAS_GRAD_SCALE, False, FP64, BF16_ROUND_BY_BITS)
+    if vector:  # every operand of this tensor 16-byte aligned: 16-byte accesses on full blocks
+        _full_blocks(tl.multiple_of(p_ptr, 16), tl.multiple_of(g_ptr, 16), tl.multiple_of(m_ptr, 16),
+                     tl.multiple_of(v_ptr, 16), tl.multiple_of(vmax_ptr, 16), begin, full_end,
+                     decay, lerp_coef, lerp_from_grad, beta2, one_minus_beta2, step_size,
+                     bias_correction2_sqrt, eps, grad_scale, grad_coef,
+                     AMSGRAD, HAS_GRAD_SCALE, FP64, BF16_ROUND_BY_BITS, BLOCK)
+    else:
+        _full_blocks(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, begin, full_end,
+                     decay, lerp_coef, lerp_from_grad, beta2, one_minus_beta2, step_size,
+                     bias_correction2_sqrt, eps, grad_scale, grad_coef,
+                     AMSGRAD, HAS_GRAD_SCALE, FP64, BF16_ROUND_BY_BITS, BLOCK)
     offs = full_end + tl.arange(0, BLOCK)
     _update_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, offs, offs < end, decay, lerp_coef, lerp_from_grad,
                   beta2, one_minus_beta2, step_size, bias_correction2_sqrt, eps, grad_scale, grad_coef,
                   AMSGRAD, HAS_GRAD_SCALE, True, FP64, BF16_ROUND_BY_BITS)
 
 
+# ----------------------------------------------------------------------------- host side
 
-def _check_list(params, lst, name, dtype, rule):
-    if len(lst) != len(params):
-        raise ValueError(f"params and {name} must have the same length, got {len(params)} and {len(lst)}")
-    for i, (p, t) in enumerate(zip(params, lst)):
-        if t.shape != p.shape:
-            raise ValueError(f"{name}[{i}] has shape {tuple(t.shape)}, but params[{i}] has shape {tuple(p.shape)}")
-        if t.device != p.device:
-            raise ValueError(f"{name}[{i}] is on {t.device}, but params are on {p.device}")
-        if t.dtype != dtype:
-            raise ValueError(f"{name}[{i}] has dtype {t.dtype}, expected {dtype} ({rule})")
-        if t.numel() and t.stride() != p.stride():
-            raise ValueError(f"{name}[{i}] has strides {t.stride()}, but params[{i}] has {p.stride()}; "
-                             "grads and states must have their parameter's memory layout")
+_tables = _pointer_table.TableCache(_TABLE_CACHE_SIZE)
+_dtype = operator.attrgetter("dtype")
+_device = operator.attrgetter("device")
+_shape = operator.attrgetter("shape")
 
 
 def _check_scalar(t, name, device):
@@ -224,48 +243,26 @@ def _check_scalar(t, name, device):
         raise ValueError(f"{name} must be on {device}, got {t.device}")
 
 
-def _check_args(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, hparams, amsgrad,
-                grad_scale, found_inf, clip_coef) -> torch.dtype:
-    """The checks of csrc/adamw.h (same rules, same wording); returns the states' dtype."""
+def _check_constant_time(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, hparams, amsgrad,
+                         grad_scale, found_inf, clip_coef) -> torch.dtype:
+    """The checks of csrc/adamw.h (same rules, same wording) whose cost does not grow with the number
+    of tensors, run on every call; returns the states' dtype."""
     if len(params) == 0:
         raise ValueError("params must be a non-empty list of tensors")
     device, dtype = params[0].device, params[0].dtype
-    for i, p in enumerate(params):
-        if p.device != device:
-            raise ValueError(f"params[{i}] is on {p.device}, but params[0] is on {device}; all must share one device")
-        if p.dtype != dtype:
-            raise ValueError(f"params[{i}] has dtype {p.dtype}, but params[0] has {dtype}; all must share one dtype")
-        if p.numel() and torch.empty_like(p, device="meta").stride() != p.stride():
-            raise ValueError(f"params[{i}] must be non-overlapping and dense (e.g. contiguous or channels_last), "
-                             f"got sizes {tuple(p.shape)} and strides {p.stride()}; call .contiguous() first")
     if dtype not in _TL_DTYPES:
         raise ValueError(f"params must have a floating-point dtype, got {dtype}")
-    if device.type == "cpu" and not _common.cpu_tensors_allowed():
-        raise RuntimeError("adamw_step_ (triton): CPU tensors need the Triton interpreter "
-                           "(TRITON_INTERPRET=1 set before fusedreg.triton is imported)")
-    _check_list(params, grads, "grads", dtype, "grads must have their parameter's dtype, as in torch's fused AdamW")
-    if len(exp_avgs) != len(params):
-        raise ValueError(f"params and exp_avgs must have the same length, got {len(params)} and {len(exp_avgs)}")
+    named = [("grads", grads), ("exp_avgs", exp_avgs), ("exp_avg_sqs", exp_avg_sqs)]
+    for name, lst in named + [("max_exp_avg_sqs", max_exp_avg_sqs)] * amsgrad + [("steps", steps)]:
+        if len(lst) != len(params):
+            raise ValueError(f"params and {name} must have the same length, got {len(params)} and {len(lst)}")
+    if not amsgrad and len(max_exp_avg_sqs):
+        raise ValueError(f"max_exp_avg_sqs must be empty when amsgrad=False, got {len(max_exp_avg_sqs)} tensors")
     state_dtype = exp_avgs[0].dtype
     low_precision = dtype in (torch.float16, torch.bfloat16)
     if state_dtype != dtype and not (low_precision and state_dtype == torch.float32):
         raise ValueError(f"exp_avgs[0] has dtype {state_dtype}; optimizer states must have the params' dtype "
                          f"({dtype}){' or float32' if low_precision else ''}")
-    rule = "all optimizer states share exp_avgs[0]'s dtype"
-    _check_list(params, exp_avgs, "exp_avgs", state_dtype, rule)
-    _check_list(params, exp_avg_sqs, "exp_avg_sqs", state_dtype, rule)
-    if amsgrad:
-        _check_list(params, max_exp_avg_sqs, "max_exp_avg_sqs", state_dtype, rule)
-    elif len(max_exp_avg_sqs):
-        raise ValueError(f"max_exp_avg_sqs must be empty when amsgrad=False, got {len(max_exp_avg_sqs)} tensors")
-    if len(steps) != len(params):
-        raise ValueError(f"params and steps must have the same length, got {len(params)} and {len(steps)}")
-    for i, s in enumerate(steps):
-        if s.numel() != 1 or s.dtype != torch.float32:
-            raise ValueError(f"steps[{i}] must be a float32 tensor of one element, got {s.dtype} of shape "
-                             f"{tuple(s.shape)}")
-        if s.device != device:
-            raise ValueError(f"steps[{i}] is on {s.device}, but params are on {device}")
     if hparams.dtype != torch.float64:
         raise ValueError(f"hparams must have dtype torch.float64, got {hparams.dtype}")
     if hparams.shape != (len(params), 5):
@@ -280,22 +277,87 @@ def _check_args(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, hp
     return state_dtype
 
 
-def _table(lists: list[list[torch.Tensor]], device: torch.device) -> tuple[torch.Tensor, int, bool]:
-    """(table, programs, aligned): the int64 table _adamw_kernel reads, on `device`; the number of
-    programs (one per chunk of a non-empty tensor); whether every data address is 16-byte aligned."""
-    params = lists[0]
-    numels = torch.tensor([p.numel() for p in params], dtype=torch.int64)
-    chunks = (numels + _CHUNK - 1) // _CHUNK
-    program_tensor = torch.repeat_interleave(torch.arange(len(params)), chunks)
-    first_program = torch.cumsum(chunks, 0) - chunks
-    program_chunk = torch.arange(program_tensor.numel()) - first_program[program_tensor]
-    addresses = [t.data_ptr() for lst in lists for t in lst]
-    aligned = all(a % 16 == 0 for lst in lists[:-1] for t, a in zip(lst, addresses) if t.numel())
-    table = torch.cat([torch.tensor(addresses, dtype=torch.int64), numels, program_tensor, program_chunk])
-    if device.type == "cuda":
-        # pinned + non_blocking: the copy is queued on the stream, the host does not wait for it
-        table = table.pin_memory().to(device, non_blocking=True)
-    return table, program_tensor.numel(), aligned
+def _all_are(values, expected) -> bool:
+    return set(values) == {expected}
+
+
+def _name_the_culprit(params, named, steps):
+    """The per-tensor checks of csrc/adamw.h, one tensor at a time: raises naming the first at fault."""
+    device, dtype = params[0].device, params[0].dtype
+    for i, p in enumerate(params):
+        if p.device != device:
+            raise ValueError(f"params[{i}] is on {p.device}, but params[0] is on {device}; all must share one device")
+        if p.dtype != dtype:
+            raise ValueError(f"params[{i}] has dtype {p.dtype}, but params[0] has {dtype}; all must share one dtype")
+        if p.numel() and not is_dense(p):
+            raise ValueError(f"params[{i}] must be non-overlapping and dense (e.g. contiguous or channels_last), "
+                             f"got sizes {tuple(p.shape)} and strides {p.stride()}; call .contiguous() first")
+    for name, lst, want, rule in named:
+        for i, (p, t) in enumerate(zip(params, lst)):
+            if t.shape != p.shape:
+                raise ValueError(f"{name}[{i}] has shape {tuple(t.shape)}, but params[{i}] has shape {tuple(p.shape)}")
+            if t.device != p.device:
+                raise ValueError(f"{name}[{i}] is on {t.device}, but params are on {p.device}")
+            if t.dtype != want:
+                raise ValueError(f"{name}[{i}] has dtype {t.dtype}, expected {want} ({rule})")
+            if t.numel() and not same_layout(t, p):
+                raise ValueError(f"{name}[{i}] has strides {t.stride()}, but params[{i}] has {p.stride()}; "
+                                 "grads and states must have their parameter's memory layout")
+    for i, s in enumerate(steps):
+        if s.numel() != 1 or s.dtype != torch.float32:
+            raise ValueError(f"steps[{i}] must be a float32 tensor of one element, got {s.dtype} of shape "
+                             f"{tuple(s.shape)}")
+        if s.device != device:
+            raise ValueError(f"steps[{i}] is on {s.device}, but params are on {device}")
+
+
+def _check_each_tensor(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, amsgrad, state_dtype):
+    """The checks of csrc/adamw.h that look at every tensor, run when a table is built: whole-list
+    comparisons (C-level maps, a few times faster than a Python loop); the loop that names the
+    tensor at fault runs only when one of them fails."""
+    device, dtype = params[0].device, params[0].dtype
+    rule = "all optimizer states share exp_avgs[0]'s dtype"
+    named = [("grads", grads, dtype, "grads must have their parameter's dtype, as in torch's fused AdamW"),
+             ("exp_avgs", exp_avgs, state_dtype, rule), ("exp_avg_sqs", exp_avg_sqs, state_dtype, rule)]
+    if amsgrad:
+        named.append(("max_exp_avg_sqs", max_exp_avg_sqs, state_dtype, rule))
+    shapes = list(map(_shape, params))
+    if not (_all_are(map(_dtype, params), dtype) and _all_are(map(_device, params), device)
+            and all(_all_are(map(_dtype, lst), want) and _all_are(map(_device, lst), device)
+                    and list(map(_shape, lst)) == shapes for _, lst, want, _ in named)
+            and _pointer_table.layouts_match([params] + [lst for _, lst, _, _ in named], len(named) + 1)
+            and _all_are(map(_dtype, steps), torch.float32) and _all_are(map(torch.Tensor.numel, steps), 1)
+            and _all_are(map(_device, steps), device)):
+        _name_the_culprit(params, named, steps)
+
+
+def prepare_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, hparams, amsgrad,
+                 grad_scale, found_inf, clip_coef, tables: _pointer_table.TableCache | None = None
+                 ) -> tuple[_pointer_table.PointerTable, torch.dtype]:
+    """Everything a step does on the host but the launch: the checks and the pointer table, from
+    `tables` (default: this module's cache). Returns (table, the states' dtype); raises ValueError
+    naming the argument at fault, or RuntimeError for a table to build during CUDA graph capture."""
+    tables = _tables if tables is None else tables
+    state_dtype = _check_constant_time(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, hparams,
+                                       amsgrad, grad_scale, found_inf, clip_coef)
+    lists = [params, grads, exp_avgs, exp_avg_sqs] + ([max_exp_avg_sqs] if amsgrad else []) + [steps]
+    vector_rows = len(lists) - 1  # every list but steps is accessed in vectors
+    key = _pointer_table.table_key(lists)
+    device = params[0].device
+    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    entry = tables.get(key, capturing)
+    if entry is None or not _pointer_table.layouts_match(lists, vector_rows):
+        _check_each_tensor(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, amsgrad, state_dtype)
+    if entry is None:
+        if capturing:
+            raise RuntimeError(
+                "adamw_step_ (triton): new tensors during CUDA graph capture; run one step with the same "
+                "tensors before capturing (as torch.cuda.graphs asks for warm-up), so that their pointer "
+                "table is built and cached")
+        entry = _pointer_table.build(_pointer_table.key_addresses(key), [p.numel() for p in params],
+                                     vector_rows, _CHUNK, device)
+        tables.put(key, entry)
+    return entry, state_dtype
 
 
 @registered_as("adamw_step__triton")
@@ -304,26 +366,28 @@ def adamw_step_(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs:
                 hparams: torch.Tensor, amsgrad: bool, maximize: bool, grad_scale: torch.Tensor | None,
                 found_inf: torch.Tensor | None, clip_coef: torch.Tensor | None) -> None:
     """One AdamW step (fusedreg/reference/adamw.py's math). Mutates params, exp_avgs, exp_avg_sqs
-    (and max_exp_avg_sqs if amsgrad), each element rounded once to its dtype; returns nothing."""
-    state_dtype = _check_args(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, hparams,
-                              amsgrad, grad_scale, found_inf, clip_coef)
-    lists = [params, grads, exp_avgs, exp_avg_sqs] + ([max_exp_avg_sqs] if amsgrad else []) + [steps]
+    (and max_exp_avg_sqs if amsgrad), each element rounded once to its dtype; returns nothing.
+    Capturable in a CUDA graph after one call with the same tensors."""
+    entry, state_dtype = prepare_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, hparams,
+                                      amsgrad, grad_scale, found_inf, clip_coef)
     device = params[0].device
-    table, programs, aligned = _table(lists, device)
-    if programs == 0:
+    if device.type == "cpu" and not _common.cpu_tensors_allowed():
+        raise RuntimeError("adamw_step_ (triton): CPU tensors need the Triton interpreter "
+                           "(TRITON_INTERPRET=1 set before fusedreg.triton is imported)")
+    if entry.programs == 0:
         return
     dtype = params[0].dtype
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
-        _adamw_kernel[(programs,)](
-            table, hparams,
+        _adamw_kernel[(entry.programs,)](
+            entry.table, hparams,
             hparams if grad_scale is None else grad_scale,
             hparams if found_inf is None else found_inf,
             hparams if clip_coef is None else clip_coef,
-            len(params), programs,
+            entry.n_tensors, entry.programs,
             PARAM_DTYPE=_TL_DTYPES[dtype], STATE_DTYPE=_TL_DTYPES[state_dtype],
             AMSGRAD=amsgrad, MAXIMIZE=maximize, HAS_GRAD_SCALE=grad_scale is not None,
             HAS_FOUND_INF=found_inf is not None, HAS_CLIP_COEF=clip_coef is not None,
-            ALIGNED=aligned, FP64=dtype == torch.float64,
+            FP64=dtype == torch.float64,
             # The interpreter's float32 -> bfloat16 cast truncates; compiled kernels round to
             # nearest even in hardware (cvt.rn), as torch does.
             BF16_ROUND_BY_BITS=interpreted() and torch.bfloat16 in (dtype, state_dtype),
