@@ -67,28 +67,54 @@ print_budget() {  # print_budget TIER "${STEPS[@]}"
     echo "tier $tier budget: $total s in all ($(printf '%s s, ' "$@" | sed 's/, $//'))"
 }
 
-# How many test cases a pytest -m selection collects here (CUDA cases are collected, and skipped,
-# on machines without a GPU too, so this count is the GPU machine's).
+# How many test cases each -m selection collects here, from one collection (CUDA cases are
+# collected, and skipped, on machines without a GPU too, so these are the GPU machine's counts).
+# Prints one count per selection, in order.
 count_selected() {
-    "$PY" -m pytest --collect-only -q -p no:cacheprovider -m "$1" 2>/dev/null | grep -c '::'
+    "$PY" - "$@" <<'PYEOF'
+import sys
+
+import pytest
+from _pytest.mark.expression import Expression
+
+selections = [Expression.compile(expr) for expr in sys.argv[1:]]
+counts = [0] * len(selections)
+
+
+class Count:
+    @pytest.hookimpl(trylast=True)  # after conftest has marked the CUDA cases
+    def pytest_collection_modifyitems(self, items):
+        for item in items:
+            names = {mark.name for mark in item.iter_markers()}
+            for i, selection in enumerate(selections):
+                counts[i] += selection.evaluate(lambda name, **_: name in names)
+
+
+status = pytest.main(["--collect-only", "-q", "-p", "no:cacheprovider"], plugins=[Count()])
+if status not in (0, 5):
+    sys.exit(f"test collection failed (pytest exit status {status})")
+print(*counts)
+PYEOF
 }
 
 plan() {
-    local status=0 n
+    local status=0 n n_sanitizer
     echo "gpu_check plan (checkout $PWD, python $PY)"
     print_budget 1 "${TIER1_STEPS[@]}"
     echo "  env      fusedreg env"
     echo "  build    fusedreg build --cpu & fusedreg build --cuda, in parallel"
-    n=$(count_selected "$GPU_SELECTION")
+    local counts
+    counts=$(count_selected "$GPU_SELECTION" "$SANITIZER_SELECTION" | tail -n 1) || {
+        echo "  ERROR: test collection failed"; return 1; }
+    read -r n n_sanitizer <<<"$counts"
     echo "  tests    pytest -m \"$GPU_SELECTION\" -n WORKERS: $n test cases"
-    [ "$n" -gt 0 ] || { echo "  ERROR: the tier-1 test step selects no test case"; status=1; }
+    [ "${n:-0}" -gt 0 ] || { echo "  ERROR: the tier-1 test step selects no test case"; status=1; }
     echo "  bench    fusedreg bench --quick --min-elements 67108864 --no-compile (every op, fp32 + bf16)"
     print_budget 2 "${TIER2_STEPS[@]}"
     echo "  build    cached from tier 1 (rebuilds when the checkout changed)"
-    n=$(count_selected "$SANITIZER_SELECTION")
-    echo "  memcheck compute-sanitizer --tool memcheck pytest -m \"$SANITIZER_SELECTION\": $n test cases"
-    echo "  racecheck compute-sanitizer --tool racecheck, the same $n test cases"
-    [ "$n" -gt 0 ] || { echo "  ERROR: the sanitizer steps select no test case"; status=1; }
+    echo "  memcheck compute-sanitizer --tool memcheck pytest -m \"$SANITIZER_SELECTION\": $n_sanitizer test cases"
+    echo "  racecheck compute-sanitizer --tool racecheck, the same $n_sanitizer test cases"
+    [ "${n_sanitizer:-0}" -gt 0 ] || { echo "  ERROR: the sanitizer steps select no test case"; status=1; }
     echo "  bench    fusedreg bench (full) until the tier's budget is spent"
     return $status
 }
