@@ -24,7 +24,10 @@ Algorithm:
 Trade-off: training forward reads x twice (12 B/elem fp32), backward reads dy and x twice; a
 channel slice is not kept on chip between the reduction and the elementwise pass, which would
 need one program per channel and leave most of the GPU idle for small C.
-All arithmetic is float32 (float64 for float64 data); outputs are rounded once.
+All arithmetic is float32 (float64 for float64 data); outputs are rounded once. Indices: the program
+id and its divisions stay int32 (cheap); every product of them that locates data is int64, since a
+channel's slice (C == 1: the whole tensor) or the rows of channels_last can pass 2**31 elements. The
+per-channel ones are widened too, so that the one rule holds (tests/test_triton_sm90.py checks it).
 """
 from __future__ import annotations
 
@@ -81,8 +84,8 @@ def _inv_sqrt(v, FP64: tl.constexpr):
 @triton.jit
 def _tile_offsets(o0, x0, c, o_hi, x_hi, C, inner,
                   CHANNELS_LAST: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_X: tl.constexpr):
-    """Memory offsets and mask of the tile at rows o0.., columns x0.. (x = s, or c when
-    CHANNELS_LAST; `c` is the program's channel, unused when CHANNELS_LAST)."""
+    """Memory offsets (int64) and mask of the tile at rows o0.., columns x0.. (x = s, or c when
+    CHANNELS_LAST; `c` is the program's channel, unused when CHANNELS_LAST); o0, x0 are int64."""
     rows = o0 + tl.arange(0, BLOCK_O).to(tl.int64)                 # [BLOCK_O]
     cols = x0 + tl.arange(0, BLOCK_X).to(tl.int64)                 # [BLOCK_X]
     mask = (rows < o_hi)[:, None] & (cols < x_hi)[None, :]
@@ -112,18 +115,18 @@ def _bn_partial_kernel(
     acc_ty = tl.float64 if FP64 else tl.float32
     pid = tl.program_id(0)
     block, split = pid // splits, pid % splits
-    o_lo = (split // splits_s) * o_per_split
+    o_lo = (split // splits_s).to(tl.int64) * o_per_split
     o_hi = tl.minimum(o_lo + o_per_split, outer)
     if CHANNELS_LAST:
-        c = block * BLOCK_X + tl.arange(0, BLOCK_X)      # [BLOCK_X] channels
+        x_lo = block.to(tl.int64) * BLOCK_X
+        c = x_lo + tl.arange(0, BLOCK_X)                 # [BLOCK_X] channels
         c_mask = c < C
-        x_lo = block * BLOCK_X
         x_hi = tl.minimum(x_lo + BLOCK_X, C)
-        shift_offsets = c.to(tl.int64)
+        shift_offsets = c
     else:
         c = block                                        # one channel
         c_mask = c < C
-        x_lo = (split % splits_s) * x_per_split
+        x_lo = (split % splits_s).to(tl.int64) * x_per_split
         x_hi = tl.minimum(x_lo + x_per_split, inner)
         shift_offsets = c.to(tl.int64) * inner
     if GRAD:
@@ -157,7 +160,7 @@ def _bn_partial_kernel(
                 tile_mean = tl.sum(v, axis=0) / tl.maximum(count, 1.0)
                 d = tl.where(mask, v - tile_mean[None, :], 0.0)
                 n, mean, m2 = _chan_merge(n, mean, m2, count, tile_mean, tl.sum(d * d, axis=0))
-    out = split * C + c
+    out = split.to(tl.int64) * C + c
     if GRAD:
         if CHANNELS_LAST:
             tl.store(part_a_ptr + out, acc_a, mask=c_mask)
@@ -177,7 +180,9 @@ def _bn_partial_kernel(
             tl.store(part_c_ptr + out, m2_all)
 
 
-@triton.jit
+# n_total is 1 for one value per channel and the bits of 5e-324 are 1: Triton would pass a 1 as a
+# constant Python int, which has no .to(); these arguments are never specialised.
+@triton.jit(do_not_specialize=["n_total", "eps_bits", "momentum_bits"])
 def _bn_finalize_moments_kernel(
     x_ptr,            # input, for the channels' shifts at offsets c * inner
     part_n_ptr,       # [S, C] counts
@@ -195,7 +200,7 @@ def _bn_finalize_moments_kernel(
     FP64: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     acc_ty = tl.float64 if FP64 else tl.float32
-    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c = tl.program_id(0).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
     n = tl.zeros([BLOCK_C], dtype=acc_ty)
     mean = tl.zeros([BLOCK_C], dtype=acc_ty)
@@ -229,7 +234,7 @@ def _bn_finalize_moments_kernel(
         tl.store(running_var_ptr + c, rv.to(running_var_ptr.dtype.element_ty), mask=c_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_total"])  # 1 for one value per channel, as above
 def _bn_finalize_sums_kernel(
     part_a_ptr,     # [S, C] sum(dy) per split
     part_b_ptr,     # [S, C] sum(dy * (x - mean)) per split
@@ -243,7 +248,7 @@ def _bn_finalize_sums_kernel(
     MEANS: tl.constexpr, FP64: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     acc_ty = tl.float64 if FP64 else tl.float32
-    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c = tl.program_id(0).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
     sum_a = tl.zeros([BLOCK_C], dtype=acc_ty)
     sum_b = tl.zeros([BLOCK_C], dtype=acc_ty)
@@ -260,7 +265,7 @@ def _bn_finalize_sums_kernel(
         tl.store(mean_b_ptr + c, sum_b / count, mask=c_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["eps_bits"])  # the bits of 5e-324 are 1, see above
 def _bn_elementwise_kernel(
     x_ptr,          # [numel] input in the layout (o * C + c) * inner + s; unused when PASS == 2
     dy_ptr,         # like x_ptr: grad_out; unused when PASS == 0
@@ -286,8 +291,8 @@ def _bn_elementwise_kernel(
     tile_x = pid % tiles_x
     rest = pid // tiles_x
     tile_o = rest % tiles_o
-    o0 = tile_o * BLOCK_O
-    x0 = tile_x * BLOCK_X
+    o0 = tile_o.to(tl.int64) * BLOCK_O
+    x0 = tile_x.to(tl.int64) * BLOCK_X
     if CHANNELS_LAST:
         c = x0 + tl.arange(0, BLOCK_X)
         x_hi = C

@@ -71,7 +71,9 @@ def _program_chunk(table_ptr, n_tensors, n_programs, ALIGNED: tl.constexpr, DTYP
     return base + begin, size
 
 
-@triton.jit
+# p_bits is 1 for p = 5e-324: Triton would pass that 1 as a constant Python int, which has no .to(),
+# and bits below 2**31 (p < 1.1e-314) come as an int32
+@triton.jit(do_not_specialize=["p_bits"])
 def _pow_sum_chunks_kernel(
     table_ptr,      # int64 [2 * n_tensors + 2 * n_programs]: addresses, numels, tensor and chunk per program
     partials_ptr,   # ACC [n_programs]: one partial per program
@@ -109,7 +111,7 @@ def _pow_sum_chunks_kernel(
         else:
             a64 = a.to(tl.float64)
             # log2 of 1 where |x| = 0: 0^p = 0 for p > 0, without evaluating log2(0)
-            p = p_bits.to(tl.float64, bitcast=True)
+            p = p_bits.to(tl.int64).to(tl.float64, bitcast=True)  # an int32 when p's bits fit in one
             power = tl.exp2(p * tl.log2(tl.where(a64 == 0, 1.0, a64)))
             total += tl.where(a64 == 0, 0.0, power).to(ACC)
     if KIND == 2:
