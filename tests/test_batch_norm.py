@@ -613,3 +613,215 @@ def test_cuda_on_chip_path_on_two_devices():
         (grad,) = torch.autograd.grad(out, x, dy)
         (grad_ref,) = torch.autograd.grad(expected, x_ref, dy)
         torch.testing.assert_close(grad, grad_ref, atol=1e-5, rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------- eval, frozen parameters
+
+_OPS_MODULE = __import__("fusedreg.ops.batch_norm", fromlist=["kernel"])
+
+
+def _frozen_affine(device, dtype, params):
+    """(weight, bias, running_mean, running_var) of a frozen BatchNorm: parameters that need no
+    gradient in the data dtype or in float32 (AMP), or none at all (affine=False)."""
+    param_dtype = torch.float32 if params == "frozen_fp32" else dtype
+    weight, bias = _affine(device, param_dtype) if params != "no_affine" else (None, None)
+    return (weight, bias, *_running(device, param_dtype))
+
+
+def _input_grad(fn, x, dy):
+    """Output and input grad of fn(x), the only leaf that needs a gradient."""
+    x = x.detach().clone().requires_grad_()
+    out = fn(x)
+    (grad,) = torch.autograd.grad(out, x, dy)
+    return out.detach(), grad
+
+
+@pytest.mark.parametrize("device,backend", PAIRS)
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("params", ["frozen", "frozen_fp32", "no_affine"])
+def test_eval_frozen_backward_matches_torch(device, backend, layout, dtype, params):
+    """Fine-tuning with frozen BatchNorm: running statistics, parameters without gradients."""
+    if params == "frozen_fp32" and dtype == torch.float32:
+        pytest.skip("same as frozen")
+    _ready(device, backend)
+    shape, memory_format, _, _ = LAYOUTS[layout]
+    x = _input(shape, device, dtype, memory_format=memory_format)
+    dy = _randn(shape, device, dtype).contiguous(memory_format=memory_format)
+    weight, bias, rm, rv = _frozen_affine(device, dtype, params)
+    ours = _input_grad(lambda x: fusedreg.batch_norm(x, rm, rv, weight, bias, False, 0.1, EPS,
+                                                     backend=backend), x, dy)
+    theirs = _input_grad(lambda x: F.batch_norm(x, rm, rv, weight, bias, False, 0.1, EPS), x, dy)
+    for got, want in zip(ours, theirs):
+        assert got.dtype == dtype and got.is_contiguous(memory_format=memory_format)
+        _close(got, want, dtype)
+
+
+def _record_kernels(monkeypatch) -> list:
+    """The op names BatchNormFunction asks its backend for, in order."""
+    names = []
+    real = _OPS_MODULE.kernel
+
+    def recording(name, backend, reference):
+        names.append(name)
+        return real(name, backend, reference)
+
+    monkeypatch.setattr(_OPS_MODULE, "kernel", recording)
+    return names
+
+
+def _frozen_eval_module(entry, backend, device):
+    """An eval-mode BatchNorm2d over C channels whose parameters need no gradient."""
+    if entry == "module":
+        module = fusedreg.nn.BatchNorm2d(C, backend=backend)
+    elif entry == "module_no_affine":
+        module = fusedreg.nn.BatchNorm2d(C, affine=False, backend=backend)
+    else:
+        module = fusedreg.nn.SyncBatchNorm(C, backend=backend)
+    module.running_mean, module.running_var = _running(device)
+    module.requires_grad_(False)
+    return module.to(device).eval()
+
+
+@pytest.mark.parametrize("device,backend", PAIRS)
+@pytest.mark.parametrize("entry", ["functional", "module", "module_no_affine", "sync_module"])
+def test_eval_frozen_backward_is_one_elementwise_pass(device, backend, entry, monkeypatch):
+    """grad_input = dy * invstd * weight: batch_norm_elemt over dy (read dy, write dx), neither the
+    reductions of batch_norm_bwd nor a read of x; the input is not kept for backward either."""
+    _ready(device, backend)
+    x = _input((4, C, 5, 3), device, memory_format=torch.channels_last).requires_grad_()
+    dy = _randn(x.shape, device).contiguous(memory_format=torch.channels_last)
+    if entry == "functional":
+        weight, bias, rm, rv = _frozen_affine(device, torch.float32, "frozen")
+        module = None
+    else:
+        module = _frozen_eval_module(entry, backend, device)
+    names = _record_kernels(monkeypatch)
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = (module(x) if module is not None else
+               fusedreg.batch_norm(x, rm, rv, weight, bias, False, backend=backend))
+    assert names == ["batch_norm_elemt"] and all(n <= C for n in saved), (names, saved)
+    with _OpLog() as log:
+        (grad,) = torch.autograd.grad(out, x, dy)
+    assert names == ["batch_norm_elemt", "batch_norm_elemt"], names
+    if backend != "reference":
+        suffix = "_triton" if backend == "triton" else ""
+        fused = [name for name, _ in log.calls if name.startswith("fusedreg::")]
+        assert fused == [f"fusedreg::batch_norm_elemt{suffix}"]
+        assert all(numel <= C for name, numel in log.calls if not name.startswith("fusedreg::")), \
+            log.calls
+    with torch.no_grad():
+        reference = (torch.nn.BatchNorm2d(C, affine=entry != "module_no_affine").to(device).eval()
+                     if module is not None else None)
+        if reference is not None:
+            reference.load_state_dict(module.state_dict())
+    x_t = x.detach().clone().requires_grad_()
+    expected = (reference(x_t) if reference is not None else
+                F.batch_norm(x_t, rm, rv, weight, bias, False))
+    (grad_t,) = torch.autograd.grad(expected, x_t, dy)
+    _close(out, expected)
+    _close(grad, grad_t)
+    assert grad.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("device,backend", PAIRS)
+@pytest.mark.parametrize("layout", ["1d_nc", "2d_channels_last", "3d"])
+@pytest.mark.parametrize("trainable", [("input", "weight", "bias"), ("input", "weight"),
+                                       ("input", "bias"), ("weight",), ("bias",)],
+                         ids=lambda names: "+".join(names))
+def test_eval_with_trainable_parameters_matches_torch(device, backend, layout, trainable,
+                                                     monkeypatch):
+    """Eval mode whose parameters do need gradients keeps the reductions (grad_weight =
+    sum(dy * x_hat), grad_bias = sum(dy)), with every gradient as torch's."""
+    _ready(device, backend)
+    shape, memory_format, _, _ = LAYOUTS[layout]
+    x = _input(shape, device, memory_format=memory_format)
+    dy = _randn(shape, device).contiguous(memory_format=memory_format)
+    weight, bias = _affine(device)
+    rm, rv = _running(device)
+    names = _record_kernels(monkeypatch)
+    results = []
+    for fn in (lambda x, w, b: fusedreg.batch_norm(x, rm, rv, w, b, False, backend=backend),
+               lambda x, w, b: F.batch_norm(x, rm, rv, w, b, False)):
+        leaves = dict(zip(("input", "weight", "bias"),
+                          (t.detach().clone() for t in (x, weight, bias))))
+        for name in trainable:
+            leaves[name].requires_grad_()
+        out = fn(leaves["input"], leaves["weight"], leaves["bias"])
+        grads = torch.autograd.grad(out, [leaves[name] for name in trainable], dy)
+        results.append((out.detach(), *grads))
+    assert names == ["batch_norm_elemt",
+                     "batch_norm_bwd" if "input" in trainable else "batch_norm_bwd_reduce"], names
+    for got, want in zip(*results):
+        _close(got, want)
+    if "input" in trainable:
+        assert results[0][1].is_contiguous(memory_format=memory_format)
+
+
+@pytest.mark.parametrize("device,backend", PAIRS)
+@pytest.mark.parametrize("shape", [(1, C), (1, C, 1, 1)], ids=["1xC", "1xCx1x1"])
+@pytest.mark.parametrize("params", ["frozen", "no_affine", "trainable"])
+def test_eval_backward_one_value_per_channel(device, backend, shape, params):
+    """One value per channel is F.batch_norm's training error only; eval normalizes it with the
+    running statistics and differentiates it like any other batch."""
+    _ready(device, backend)
+    x = _input(shape, device)
+    dy = _randn(shape, device)
+    weight, bias, rm, rv = _frozen_affine(device, torch.float32,
+                                          "no_affine" if params == "no_affine" else "frozen")
+    trainable = params == "trainable"
+    results = []
+    for fn in (lambda x, w, b: fusedreg.batch_norm(x, rm, rv, w, b, False, backend=backend),
+               lambda x, w, b: F.batch_norm(x, rm, rv, w, b, False)):
+        if trainable:
+            results.append(_run(fn, x, weight, bias, dy))
+        else:
+            results.append(_input_grad(lambda x: fn(x, weight, bias), x, dy))
+    for got, want in zip(*results):
+        _close(got, want)
+
+
+@pytest.mark.parametrize("backend", ["reference"] + native_backends("cpu"))
+def test_compile_fullgraph_frozen_eval_backward(backend):
+    """torch.compile traces the same choice: the backward graph of a frozen eval BatchNorm is the
+    elementwise op, and the gradients are eager torch's."""
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._functorch.aot_autograd import make_boxed_func
+
+    _ready("cpu", backend)
+    torch.manual_seed(0)
+    module = _ConvBN(backend).eval()
+    module.bn.running_mean.normal_()
+    module.bn.running_var.uniform_(0.5, 1.5)
+    module.bn.requires_grad_(False)
+    eager = torch.nn.Sequential(torch.nn.Conv2d(3, 5, 3, bias=False), torch.nn.BatchNorm2d(5))
+    eager[0].load_state_dict(module.conv.state_dict())
+    eager[1].load_state_dict(module.bn.state_dict())
+    eager.eval()[1].requires_grad_(False)
+    backward_targets = []
+
+    def record_backward(graph, example_inputs):
+        backward_targets.extend(str(node.target) for node in graph.graph.nodes
+                                if node.op == "call_function")
+        return make_boxed_func(graph.forward)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(module, fullgraph=True, backend=aot_autograd(
+        fw_compiler=lambda graph, example_inputs: make_boxed_func(graph.forward),
+        bw_compiler=record_backward))
+    x = torch.randn(4, 3, 7, 6).contiguous(memory_format=torch.channels_last)
+    got, want = compiled(x), torch.relu(eager(x))
+    got.square().sum().backward()
+    want.square().sum().backward()
+    _close(got, want)
+    _close(module.conv.weight.grad, eager[0].weight.grad)
+    suffix = "_triton" if backend == "triton" else ""
+    if backend != "reference":
+        fused = [t for t in backward_targets if t.startswith("fusedreg.")]
+        assert fused == [f"fusedreg.batch_norm_elemt{suffix}.default"], backward_targets

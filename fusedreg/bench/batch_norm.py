@@ -1,6 +1,7 @@
-"""BatchNorm benchmarks: training forward, backward, forward+backward and eval forward on ResNet-50's
-BatchNorm2d shapes (NCHW and channels_last) and a wide BatchNorm1d, against F.batch_norm (cuDNN
-where PyTorch picks it), torch.compile of it, and the eager reference.
+"""BatchNorm benchmarks: training forward, backward, forward+backward, eval forward and eval backward
+with frozen parameters (fine-tuning) on ResNet-50's BatchNorm2d shapes (NCHW and channels_last) and
+a wide BatchNorm1d, against F.batch_norm (cuDNN where PyTorch picks it), torch.compile of it, and
+the eager reference.
 
 Floors (DESIGN §5), per element, in units of the data's itemsize (fp32: x4 bytes, bf16: x2):
   forward   2 (read x, write y) when one channel's N*H*W slice fits on chip, so the statistics pass
@@ -10,6 +11,8 @@ Floors (DESIGN §5), per element, in units of the data's itemsize (fp32: x4 byte
   backward  3 (read dy and x, write dx; the two per-channel sums and dx again need x and dy twice
             unless they fit, which the floor does not assume).
   eval      2 (one elementwise pass).
+  eval bwd (frozen)  2 (read dy, write dx: the statistics are constants and weight/bias need no
+            gradient, so grad_input = dy * invstd * weight and x is not read).
 Per-channel vectors (weight, bias, running stats: O(C)) are not counted. Parameters and running
 statistics are float32 for every data dtype, as in mixed-precision training.
 """
@@ -122,6 +125,17 @@ def _backward(make_fn):
     return setup
 
 
+def _eval_backward_frozen(make_fn):
+    def setup(inputs):
+        fn = make_fn()
+        x, *rest = inputs
+        x = x.detach().requires_grad_()
+        y = fn(x, *rest, False)
+        dy = torch.randn_like(y)
+        return lambda: torch.autograd.grad(y, x, dy, retain_graph=True)
+    return setup
+
+
 def _forward_backward(make_fn):
     def setup(inputs):
         fn = make_fn()
@@ -155,6 +169,10 @@ for mode, wrap, floor, note in (
          f"training; {_FLOOR_NOTE}, plus 3 x itemsize for backward"),
         ("eval", _eval_forward, lambda size, dtype: 2 * _numel(size) * dtype.itemsize,
          "running statistics, one elementwise pass: floor 2 x itemsize B/elem"),
+        ("eval bwd (frozen)", _eval_backward_frozen,
+         lambda size, dtype: 2 * _numel(size) * dtype.itemsize,
+         "running statistics, weight and bias without gradients: grad_input only, floor 2 x "
+         "itemsize B/elem (read dy, write dx)"),
 ):
     register(Case(
         op="batch_norm", name=mode, make=_make, bytes_moved=floor, impls=_impls(wrap),
