@@ -28,6 +28,8 @@ from ._dispatch import kernel
 
 __all__ = ["BatchNormFunction", "batch_norm"]
 
+_COMPILE_MISROUTES_ALIASED_OUTPUTS = tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 12)
+
 
 def stats_dtype(input: torch.Tensor) -> torch.dtype:
     """The dtype of every [C] statistic of `input`: float64 for float64 data, else float32."""
@@ -94,6 +96,11 @@ class BatchNormFunction(torch.autograd.Function):
             ctx.save_for_backward(input, weight, mean, invstd)
         ctx.training, ctx.backend = bool(training), backend
         ctx.bias_dtype = None if bias is None else bias.dtype
+        if backend == "reference" and _COMPILE_MISROUTES_ALIASED_OUTPUTS:
+            # torch 2.11's dynamo routes the gradient of an output that aliases a traced
+            # intermediate to the wrong slot (pytorch#180642): the reference's eager output would
+            # get a zero gradient under torch.compile. A fresh tensor has no alias.
+            out = out.clone()
         return out
 
     @staticmethod
