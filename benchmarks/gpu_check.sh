@@ -179,24 +179,25 @@ step() {
 }
 
 build_both() {
-    # Both libraries at once; the build log lives in the cache directory, which a remote runner does
-    # not return, so on failure its end is printed here.
-    local out rc_cpu rc_cuda
-    out=$(mktemp)
-    "$PY" -m fusedreg build --cpu >"$out.cpu" 2>&1 &
+    # Both libraries at once, their lines prefixed and printed as they come (a step cut by its
+    # timeout still shows how far it got). The build log lives in the cache directory, which a
+    # remote runner does not return, so on failure its end is printed here.
+    local log_cpu log_cuda rc_cpu rc_cuda
+    log_cpu=$(mktemp)
+    log_cuda=$(mktemp)
+    ( "$PY" -m fusedreg build --cpu 2>&1 | tee "$log_cpu" | sed -u 's/^/[cpu]  /'; exit "${PIPESTATUS[0]}" ) &
     local cpu_pid=$!
-    "$PY" -m fusedreg build --cuda >"$out.cuda" 2>&1
+    ( "$PY" -m fusedreg build --cuda 2>&1 | tee "$log_cuda" | sed -u 's/^/[cuda] /'; exit "${PIPESTATUS[0]}" )
     rc_cuda=$?
     wait $cpu_pid
     rc_cpu=$?
-    cat "$out.cpu" "$out.cuda"
     if [ $rc_cpu -ne 0 ] || [ $rc_cuda -ne 0 ]; then
-        cat "$out.cpu" "$out.cuda" | grep -o 'build log: .*' | sort -u | while read -r _ _ path; do
+        cat "$log_cpu" "$log_cuda" | grep -o 'build log: .*' | sort -u | while read -r _ _ path; do
             echo "--- last lines of $path"
             tail -n 60 "$path"
         done
     fi
-    rm -f "$out" "$out.cpu" "$out.cuda"
+    rm -f "$log_cpu" "$log_cuda"
     [ $rc_cpu -eq 0 ] && [ $rc_cuda -eq 0 ]
 }
 
