@@ -5,7 +5,8 @@ fusedreg_cuda = csrc/*.cu   (C++/CUDA: CUDA kernels + TORCH_LIBRARY_IMPL(fusedre
 
 Both are shared libraries without a Python module: loading one runs its static operator
 registrations (the schemas themselves live in fusedreg/_library.py). Nothing here runs at
-`import fusedreg`; a library is built the first time a backend needs it.
+`import fusedreg`; a library is built the first time a backend needs it. The CUDA toolkit it is
+built with is found by fusedreg/_cuda_paths.py.
 
 Robustness rules (each one answers a failure seen in practice with JIT extensions):
 - The cache directory is keyed by torch, CUDA and Python versions: an upgraded torch never loads a
@@ -21,20 +22,20 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import functools
-import glob
 import hashlib
 import os
 import shutil
-import site
-import subprocess
 import sys
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
-__all__ = ["BuildError", "load_library", "library_status", "unbuildable_reason", "build_ahead"]
+from ._cuda_paths import cuda_home, nvcc_path, nvidia_wheel_include_shim, torch_cpp_extension
+
+__all__ = ["BuildError", "load_library", "library_status", "unbuildable_reason", "build_ahead",
+           "built_objects", "source_digest"]
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
 
@@ -108,27 +109,12 @@ def _prebuilt_dir(spec: _Spec) -> Path:
 
 # ----------------------------------------------------------------------------- prerequisites
 
-def _cpp_extension():
-    """torch.utils.cpp_extension, imported without its import-time warning about a missing CUDA
-    runtime (expected on machines without a GPU, and said better by `fusedreg env`)."""
-    import logging
-
-    logger = logging.getLogger("torch.utils.cpp_extension")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        from torch.utils import cpp_extension
-    finally:
-        logger.setLevel(level)
-    return cpp_extension
-
-
 def unbuildable_reason(kind: str) -> str | None:
     """Why library `kind` cannot be built on this machine, or None when it can (or is prebuilt)."""
     spec = _SPECS[kind]
     if _stamp_matches(_prebuilt_dir(spec), spec):
         return None
-    cpp_extension = _cpp_extension()
+    cpp_extension = torch_cpp_extension()
 
     if not cpp_extension.is_ninja_available():
         return "ninja is not installed (pip install ninja)"
@@ -139,44 +125,9 @@ def unbuildable_reason(kind: str) -> str | None:
 
         if torch.version.cuda is None:
             return f"this torch ({torch.__version__}) is a CPU-only build"
-        if _nvcc() is None:
+        if nvcc_path() is None:
             return "no CUDA toolkit found (nvcc and include/cuda_runtime.h; set CUDA_HOME)"
     return None
-
-
-@functools.lru_cache(maxsize=None)
-def cuda_home() -> str | None:
-    """The CUDA toolkit to build with: the one whose include/ has cuda_runtime.h.
-
-    torch guesses CUDA_HOME from `which nvcc`, which is wrong when nvcc is a wrapper script outside
-    the toolkit (e.g. /usr/local/bin/nvcc exec'ing /usr/local/cuda-13.0/bin/nvcc); nvcc's own
-    dry run names the directory it really lives in.
-    """
-    cpp_extension = _cpp_extension()
-
-    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), cpp_extension.CUDA_HOME]
-    nvcc = shutil.which("nvcc")
-    if nvcc:
-        candidates.append(str(Path(nvcc).resolve().parent.parent))
-        with contextlib.suppress(OSError, subprocess.SubprocessError):
-            out = subprocess.run([nvcc, "-dryrun", "-c", "-x", "cu", os.devnull], capture_output=True,
-                                 text=True, timeout=30).stderr
-            for line in out.splitlines():
-                if line.startswith("#$ _HERE_="):
-                    candidates.append(str(Path(line.split("=", 1)[1].strip()).parent))
-    import torch
-
-    candidates += [f"/usr/local/cuda-{torch.version.cuda}", "/usr/local/cuda"]
-    for home in candidates:
-        if home and os.path.isfile(os.path.join(home, "include", "cuda_runtime.h")) \
-                and os.path.exists(os.path.join(home, "bin", "nvcc")):
-            return home
-    return None
-
-
-def _nvcc() -> str | None:
-    home = cuda_home()
-    return os.path.join(home, "bin", "nvcc") if home else None
 
 
 def cuda_arch_list() -> str:
@@ -190,28 +141,6 @@ def cuda_arch_list() -> str:
         caps = sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
         return ";".join(f"{major}.{minor}" for major, minor in caps)
     return "9.0"
-
-
-def _nvidia_wheel_include_shim(build_dir: Path) -> Path | None:
-    """A directory of links to headers that pip's nvidia-* wheels carry and CUDA_HOME lacks.
-
-    ATen's CUDA headers include cublas/cusparse/... headers that a bare toolkit may not ship. Adding
-    the wheels' include directories wholesale would shadow the toolkit's own runtime headers with
-    another version's, so only the missing files are linked in.
-    """
-    home_include = Path(cuda_home() or "/nonexistent") / "include"
-    roots = [Path(p) / "nvidia" for p in site.getsitepackages() + [site.getusersitepackages()]]
-    shim = build_dir / "nvidia_include"
-    linked = 0
-    for root in roots:
-        for include in sorted(glob.glob(str(root / "*" / "include"))):
-            for entry in sorted(os.listdir(include)):
-                if (home_include / entry).exists() or (shim / entry).exists():
-                    continue
-                shim.mkdir(parents=True, exist_ok=True)
-                os.symlink(os.path.join(include, entry), shim / entry)
-                linked += 1
-    return shim if shim.is_dir() else None
 
 
 # ----------------------------------------------------------------------------- digest / stamp
@@ -340,7 +269,7 @@ def _short(ninja_line: str) -> str:
 
 def _compile(spec: _Spec, build_dir: Path, verbose: bool) -> Path:
     """Run torch's ninja-based JIT build into build_dir and return the library path."""
-    cpp_extension = _cpp_extension()
+    cpp_extension = torch_cpp_extension()
 
     sources = _sources(spec)
     if not sources:
@@ -351,7 +280,7 @@ def _compile(spec: _Spec, build_dir: Path, verbose: bool) -> Path:
     torch_cuda_home = cpp_extension.CUDA_HOME
     if spec.kind == "cuda":
         cpp_extension.CUDA_HOME = cuda_home()  # torch reads this global for includes, nvcc, -lcudart
-        shim = _nvidia_wheel_include_shim(build_dir)
+        shim = nvidia_wheel_include_shim(build_dir)
         if shim is not None:
             include_paths.append(str(shim))
         os.environ["TORCH_CUDA_ARCH_LIST"] = cuda_arch_list()
@@ -517,3 +446,42 @@ def build_ahead(root: Path, kinds=("cpu", "cuda"), verbose: bool = True) -> dict
             continue
         result[kind] = str(_build_into(spec, _build_dir(spec, root), verbose))
     return result
+
+
+def built_objects(kind: str, root: Path | None = None, arch_list: str | None = None,
+                  on_build: Callable[[Path], None] | None = None) -> list[Path]:
+    """The object files (one per csrc/ source) of library `kind` built into
+    root/<version key>/<name>/ (root: the cache by default), for tools that read the compiled code.
+
+    Unless the stamp there matches, the library is built first (ninja recompiles only what
+    changed), after on_build(build directory). arch_list, when given, is the TORCH_CUDA_ARCH_LIST
+    of the stamp check and the build; the environment is restored afterwards. Raises BuildError
+    when the build fails, FileNotFoundError when it leaves no objects (also when the library
+    cannot be built here: see unbuildable_reason).
+    """
+    spec = _SPECS[kind]
+    root = root or cache_root()
+    build_dir = _build_dir(spec, root)
+    saved = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    if arch_list is not None:
+        os.environ["TORCH_CUDA_ARCH_LIST"] = arch_list
+    try:
+        if not _stamp_matches(build_dir, spec):
+            if on_build is not None:
+                on_build(build_dir)
+            build_ahead(root, kinds=(kind,), verbose=False)
+    finally:
+        if saved is None:
+            os.environ.pop("TORCH_CUDA_ARCH_LIST", None)
+        else:
+            os.environ["TORCH_CUDA_ARCH_LIST"] = saved
+    pattern = "*.cuda.o" if kind == "cuda" else "*.o"  # torch's names: x.cu -> x.cuda.o, x.cpp -> x.o
+    objects = sorted(build_dir.glob(pattern))
+    if not objects:
+        raise FileNotFoundError(f"no {pattern} objects in {build_dir}")
+    return objects
+
+
+def source_digest(kind: str) -> str:
+    """The digest library `kind`'s build stamp holds: sources, headers, flags, versions, arch list."""
+    return _digest(_SPECS[kind])

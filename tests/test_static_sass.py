@@ -1,4 +1,4 @@
-"""The static SASS budget (`fusedreg bench --static`, fusedreg/bench/static_sass.py).
+"""The static SASS budget (`fusedreg bench --static`, fusedreg/bench/static_sass.py, sass_cfg.py).
 
 First the loop finder on a small synthetic listing, then the real sm_90 objects of fusedreg_cuda
 (the build cache's; ninja rebuilds only changed sources): every hot kernel is found and parsed,
@@ -11,6 +11,7 @@ import math
 import pytest
 
 from fusedreg import cli
+from fusedreg.bench import sass_cfg
 from fusedreg.bench import static_sass as S
 
 # A grid-stride loop: an aligned path (LDG.128 -> optional bias load -> optional slow-path CALL ->
@@ -56,12 +57,12 @@ arch = sm_90
 
 
 def test_loop_finder_on_synthetic_sass():
-    (fn,) = S.parse_sass(SYNTHETIC)
+    (fn,) = sass_cfg.parse_sass(SYNTHETIC)
     assert fn.arch == "sm_90" and fn.name == "_Z6kernelPKfPfi" and len(fn.instrs) == 33
-    cfg = S.CFG(fn.instrs)
+    cfg = sass_cfg.CFG(fn.instrs)
     # the subroutine's loop and the padding self-branch are unreachable: one loop, at 0x40
     assert [cfg.blocks[h][0].addr for h in cfg.loops()] == [0x40]
-    (loop,) = S.vector_loops(cfg)
+    (loop,) = sass_cfg.vector_loops(cfg)
     # header 2 + LDG.128 block 3 + bias 2 + CALL guard 1 + STG.128 block 4 + latch 3; the CALL block
     # (slow path) and the scalar path are left out
     assert (loop.header_addr, loop.instrs, loop.calls, loop.local) == (0x40, 15, 0, 0)
@@ -71,13 +72,14 @@ def test_loop_finder_on_synthetic_sass():
 
 
 def test_elements_per_iteration_rule():
-    assert S.elems_per_iter({"LDG": 1, "STG": 1}, {"reads": 4, "writes": 4}) == (4, {"reads": 1, "writes": 1})
+    assert sass_cfg.elems_per_iter({"LDG": 1, "STG": 1}, {"reads": 4, "writes": 4}) == (
+        4, {"reads": 1, "writes": 1})
     # bf16 dropout_add (x, residual read; out written), unrolled twice by the compiler
-    assert S.elems_per_iter({"LDG": 4, "STG": 2}, {"reads": 4, "writes": 2})[0] == 16
+    assert sass_cfg.elems_per_iter({"LDG": 4, "STG": 2}, {"reads": 4, "writes": 2})[0] == 16
     # bf16 params, fp32 states: p, g, 2 x m, 2 x v loads; p, 2 x m, 2 x v stores per 8 elements
-    assert S.elems_per_iter({"LDG": 6, "STG": 5}, {"reads": 12, "writes": 10})[0] == 8
+    assert sass_cfg.elems_per_iter({"LDG": 6, "STG": 5}, {"reads": 12, "writes": 10})[0] == 8
     # a cache pass whose stores are only a quarter 128-bit
-    elems, share = S.elems_per_iter({"LDS": 4, "STG": 1}, {"writes": 2, "cached": 2})
+    elems, share = sass_cfg.elems_per_iter({"LDS": 4, "STG": 1}, {"writes": 2, "cached": 2})
     assert elems == 32 and share["writes"] == 0.25
 
 

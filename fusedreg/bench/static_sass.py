@@ -6,7 +6,7 @@ instructions (spills), whether the aligned path moves its data with 128-bit LDG/
 instructions issued per element in its steady-state loop, against the H200's issue budget at the
 memory floor: 132 SMs x 4 schedulers x 32 lanes x 1.98 GHz / (4.3 TB/s / bytes per element).
 
-How the steady state is found (generic, so the kernels may change under it):
+How sass_cfg.py finds the steady state (generically, so the kernels may change under it):
 - A CFG per function from the branch targets; CALL falls through (its callees are the slow paths
   of IEEE division and sqrt); code unreachable from the entry (subroutines, the trailing
   self-branch) is ignored. Loops are natural loops: a branch back to a block that dominates it.
@@ -30,213 +30,25 @@ the issue cost, and a kernel near 100% of its budget is compute-bound whatever i
 """
 from __future__ import annotations
 
-import bisect
 import importlib.util
 import json
 import os
 import re
 import shutil
 import subprocess
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+
+from .sass_cfg import CFG, Function, Loop, elems_per_iter, parse_sass, vector_loops
 
 SMS, SCHEDULERS, LANES, CLOCK_HZ, COPY_BPS = 132, 4, 32, 1.98e9, 4.3e12  # H200
 _ELEM = {"float": 4, "double": 8, "c10::BFloat16": 2, "c10::Half": 2}
 _DTYPE = {"float": "float32", "double": "float64", "c10::BFloat16": "bfloat16", "c10::Half": "float16"}
-_KIND = {"LDG": "reads", "LD": "reads", "STG": "writes", "ST": "writes", "LDS": "cached", "STS": "cached"}
 
 
 def budget(bytes_per_elem: float) -> float:
     """Instructions per element an H200 issues while its copy bandwidth moves the bytes."""
     return SMS * SCHEDULERS * LANES * CLOCK_HZ * bytes_per_elem / COPY_BPS
-
-
-# ----------------------------------------------------------------------------- SASS and its CFG
-
-@dataclass
-class Instr:
-    addr: int
-    pred: str  # "" or "@P0", "@!P1", ...
-    op: str    # "LDG.E.128.CONSTANT"
-    args: str
-
-    @property
-    def base(self) -> str:
-        return self.op.split(".")[0]
-
-    @property
-    def width(self) -> int:
-        mods = self.op.split(".")[1:]
-        return next((size for mod, size in (("128", 16), ("64", 8), ("U16", 2), ("S16", 2), ("U8", 1),
-                                            ("S8", 1)) if mod in mods), 4)
-
-    @property
-    def vector(self) -> bool:
-        return self.base in _KIND and self.width == 16
-
-    @property
-    def side_load(self) -> bool:
-        return self.base in ("LDG", "LD") and self.width < 16
-
-
-@dataclass
-class Function:
-    name: str  # mangled
-    arch: str
-    instrs: list[Instr]
-
-
-_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)\s*([^;]*);")
-
-
-def parse_sass(text: str) -> list[Function]:
-    """The functions of `cuobjdump --dump-sass` output, instructions in address order."""
-    functions, arch = [], ""
-    for line in text.splitlines():
-        if line.startswith("arch = "):
-            arch = line.split("=", 1)[1].strip()
-        elif "Function : " in line:
-            functions.append(Function(line.split("Function : ", 1)[1].strip(), arch, []))
-        elif functions and (m := _LINE.search(line)):
-            functions[-1].instrs.append(Instr(int(m[1], 16), (m[2] or "").strip(), m[3], m[4].strip()))
-    return functions
-
-
-def _target(ins: Instr) -> int | None:
-    hexes = re.findall(r"0x([0-9a-f]+)", ins.args)
-    return int(hexes[-1], 16) if hexes else None
-
-
-class CFG:
-    """Basic blocks, successors, and dominator sets of the blocks reachable from the entry."""
-
-    def __init__(self, instrs: list[Instr]):
-        instrs = [i for i in instrs if i.op != "NOP" and i.pred != "@!PT"]  # padding, never-taken
-        addrs = [i.addr for i in instrs]
-
-        def index(ins):  # a target that was padding lands on the next kept instruction
-            tgt = _target(ins) if ins.base in ("BRA", "JMP") else None
-            k = None if tgt is None else bisect.bisect_left(addrs, tgt)
-            return k if k is not None and k < len(instrs) else None
-
-        leaders = {0}
-        for k, ins in enumerate(instrs):
-            if ins.base in ("BRA", "BRX", "JMP", "JMX", "EXIT", "RET", "BREAK"):
-                leaders.add(k + 1)
-                if index(ins) is not None:
-                    leaders.add(index(ins))
-        starts = sorted(s for s in leaders if s < len(instrs))
-        self.blocks = [instrs[a:b] for a, b in zip(starts, starts[1:] + [len(instrs)])]
-        block_of = {s: n for n, s in enumerate(starts)}
-        self.succ: list[list[int]] = []
-        for n, block in enumerate(self.blocks):
-            last, nxt = block[-1], ([n + 1] if n + 1 < len(self.blocks) else [])
-            # a guard, or a predicate operand (BRA.U !UP0, BRA P2, BRA.DIV UR4), makes it conditional
-            conditional = bool(last.pred and last.pred != "@PT") or bool(re.match(r"!?U?P\d|UR\d", last.args))
-            if last.base in ("BRA", "JMP"):
-                taken = [] if index(last) is None else [block_of[index(last)]]
-                self.succ.append(taken + (nxt if conditional else []))
-            elif last.base in ("EXIT", "RET", "BRX", "JMX", "BREAK"):
-                self.succ.append(nxt if conditional and last.base in ("EXIT", "RET") else [])
-            else:
-                self.succ.append(nxt)
-        order, seen = [0], {0}
-        for b in order:
-            for s in self.succ[b]:
-                if s not in seen:
-                    seen.add(s)
-                    order.append(s)
-        self.preds = {b: [p for p in order if b in self.succ[p]] for b in order}
-        self.dom = {b: set(order) for b in order}
-        self.dom[0] = {0}
-        changed = True
-        while changed:  # dom(b) = {b} + intersection of dom(p) over the predecessors p
-            changed = False
-            for b in order[1:]:
-                new = set.intersection(*(self.dom[p] for p in self.preds[b])) | {b}
-                if new != self.dom[b]:
-                    self.dom[b], changed = new, True
-
-    def loops(self) -> dict[int, set[int]]:
-        """Natural loops: header -> body, the bodies of one header's back edges merged."""
-        body: dict[int, set[int]] = {}
-        for u in self.dom:
-            for h in self.succ[u]:
-                if h in self.dom[u]:
-                    nodes, stack = body.setdefault(h, {h}), [u]
-                    while stack:
-                        n = stack.pop()
-                        if n not in nodes:
-                            nodes.add(n)
-                            stack.extend(self.preds[n])
-        return body
-
-
-# ----------------------------------------------------------------------------- hot loops
-
-@dataclass
-class Loop:
-    header_addr: int
-    instrs: int             # on the hot path of one iteration
-    vector: dict            # access base (LDG, STG, LDS, STS) -> 128-bit accesses on that path
-    calls: int              # CALLs on the path (their callees are not counted)
-    local: int              # LDL/STL on the path
-    variant_instrs: int | None  # the path without side loads, where it keeps every vector access
-
-
-def _hot_path(cfg: CFG, header: int, body: set[int], avoid_side_loads: bool) -> list[Instr] | None:
-    nodes = {b for b in body if b == header or not (avoid_side_loads and any(i.side_load for i in cfg.blocks[b]))}
-    edges = {b: [s for s in cfg.succ[b] if s in nodes and s not in cfg.dom[b]] for b in nodes}
-    indeg = Counter(s for b in nodes for s in edges[b])
-    ready, topo = [b for b in nodes if indeg[b] == 0], []
-    while ready:
-        topo.append(ready.pop())
-        for s in edges[topo[-1]]:
-            indeg[s] -= 1
-            if indeg[s] == 0:
-                ready.append(s)
-
-    def weight(b):
-        blk = cfg.blocks[b]
-        return (sum(i.vector for i in blk), -any(i.base == "CALL" for i in blk), len(blk))
-
-    best = {header: (weight(header), [header])}
-    for b in topo:
-        for s in edges[b] if b in best else []:
-            w = tuple(x + y for x, y in zip(best[b][0], weight(s)))
-            if s not in best or w > best[s][0]:
-                best[s] = (w, best[b][1] + [s])
-    ends = [best[b] for b in nodes if header in cfg.succ[b] and b in best]
-    return [i for b in max(ends, key=lambda e: e[0])[1] for i in cfg.blocks[b]] if ends else None
-
-
-def vector_loops(cfg: CFG) -> list[Loop]:
-    """The innermost loops with 128-bit accesses, each measured along its hot path."""
-    loops = {h: b for h, b in cfg.loops().items() if any(i.vector for n in b for i in cfg.blocks[n])}
-    out = []
-    for h, body in loops.items():
-        if any(o != h and o in body and loops[o] < body for o in loops):
-            continue  # holds another vector loop: not innermost
-        path = _hot_path(cfg, h, body, avoid_side_loads=False)
-        if not path:
-            continue
-        vector = Counter(i.base for i in path if i.vector)
-        alt = _hot_path(cfg, h, body, avoid_side_loads=True) if any(i.side_load for i in path) else None
-        same = alt is not None and Counter(i.base for i in alt if i.vector) == vector
-        out.append(Loop(cfg.blocks[h][0].addr, len(path), dict(vector), sum(i.base == "CALL" for i in path),
-                        sum(i.base in ("LDL", "STL") for i in path), len(alt) if same else None))
-    return sorted(out, key=lambda lp: lp.header_addr)
-
-
-def elems_per_iter(vector: dict, bytes_by_kind: dict) -> tuple[int, dict]:
-    """(elements per iteration, {kind: share of them its 128-bit accesses carry}); see the doc."""
-    per_kind: Counter = Counter()
-    for base, count in vector.items():
-        per_kind[_KIND[base]] += count
-    implied = {k: 16 * n / bytes_by_kind[k] for k, n in per_kind.items() if bytes_by_kind.get(k)}
-    elems = round(max(implied.values(), default=0))
-    return elems, {k: v / elems for k, v in implied.items()} if elems else {}
 
 
 # ----------------------------------------------------------------------------- which kernel is what
@@ -376,26 +188,11 @@ def sm90_objects(log=print) -> list[Path]:
     sibling."""
     from fusedreg import _build
 
-    spec, root, arch = _build._SPECS["cuda"], _build.cache_root(), _build.cuda_arch_list()
+    root, arch = _build.cache_root(), _build.cuda_arch_list()
     has_sm90 = any(a.strip().startswith("9.0") for a in re.split(r"[; ]", arch))
-    if not has_sm90:
-        root = root / "static-sass-sm90"
-    build_dir = _build._build_dir(spec, root)
-    if not _build._stamp_matches(build_dir, spec):
-        log(f"building the sm_90 objects of {spec.name} into {build_dir} ...")
-        saved = os.environ.get("TORCH_CUDA_ARCH_LIST")
-        os.environ["TORCH_CUDA_ARCH_LIST"] = arch if has_sm90 else "9.0"
-        try:
-            _build.build_ahead(root, kinds=("cuda",), verbose=False)
-        finally:
-            if saved is None:
-                os.environ.pop("TORCH_CUDA_ARCH_LIST")
-            else:
-                os.environ["TORCH_CUDA_ARCH_LIST"] = saved
-    objects = sorted(build_dir.glob("*.cuda.o"))
-    if not objects:
-        raise FileNotFoundError(f"no *.cuda.o objects in {build_dir}")
-    return objects
+    return _build.built_objects("cuda", root if has_sm90 else root / "static-sass-sm90",
+                                arch if has_sm90 else "9.0",
+                                on_build=lambda d: log(f"building the sm_90 objects of {d.name} into {d} ..."))
 
 
 def _run(cmd: list[str], stdin: str | None = None) -> str:
@@ -528,7 +325,7 @@ def machine() -> dict:
     nvcc = release(os.path.join(_build.cuda_home() or "", "bin", "nvcc"))
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     return {"machine": f"static, sm_90 (cuobjdump, nvcc {nvcc}; {gpu})", "nvcc": nvcc, "torch": torch.__version__,
-            "cuobjdump": release(_tool("cuobjdump")), "csrc_digest": _build._digest(_build._SPECS["cuda"])[:16],
+            "cuobjdump": release(_tool("cuobjdump")), "csrc_digest": _build.source_digest("cuda")[:16],
             "budget": f"{SMS} SMs x {SCHEDULERS} schedulers x {LANES} lanes x {CLOCK_HZ / 1e9:g} GHz / "
                       f"({COPY_BPS / 1e12:g} TB/s / bytes per element), H200"}
 
