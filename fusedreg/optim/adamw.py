@@ -14,8 +14,8 @@ Choices and their trade-offs:
   value, Tensor values by identity and version counter (a scheduler's in-place `fill_` bumps it).
   With capturable=True and Tensor hyperparameters it is instead rebuilt on the device every step,
   so a CUDA-graph capture records the rebuild and each replay reads the current lr. A captured
-  step never shares rows with the cache (see _hparams), and one that would create state is refused:
-  warm up eagerly first, as torch.cuda.graph's documentation asks.
+  step never shares rows with the cache (see _adamw_hparams.py), and one that would create state
+  is refused: warm up eagerly first, as torch.cuda.graph's documentation asks.
 - state["step"] is always a float32 scalar on the parameter's device (torch's layout for its fused
   and capturable modes): the kernel reads it there, torch.optim.AdamW accepts it in every mode,
   and torch's CPU step counts move there on load. Moments are in the parameter's dtype (as torch),
@@ -40,14 +40,15 @@ import torch
 from torch.optim import Optimizer
 
 from .. import _backend
-from .._layout import is_dense, same_layout
 from ..ops._dispatch import kernel
 from ..reference import adamw as reference
 from ..utils.clip import get_total_norm
+from ._adamw_hparams import (check_differentiable, check_hyperparameters, group_signatures, hparam_rows,
+                             to_scalar)
+from ._adamw_state import MOMENTS, Bucket, dense_views, refuse_state_in_capture, scalar_on, step_tensor
 
 __all__ = ["AdamW"]
 
-_MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 _COMPLEX = (torch.complex32, torch.complex64, torch.complex128)
 # Keys torch.optim.AdamW keeps in every param group, with the values it fills in for old checkpoints.
@@ -55,106 +56,9 @@ _GROUP_DEFAULTS = {"amsgrad": False, "maximize": False, "foreach": None, "captur
                    "differentiable": False, "fused": None}
 
 
-def _to_scalar(x):
-    """A 1-element Tensor hyperparameter as a 0-dim tensor (torch.optim's convention)."""
-    return x.squeeze() if isinstance(x, torch.Tensor) and x.dim() != 0 else x
-
-
-def _check_hyperparameters(lr, betas, eps, weight_decay, foreach, capturable) -> None:
-    """torch.optim.Adam's constructor checks, in its order and with its messages."""
-    if isinstance(lr, torch.Tensor):
-        if foreach and not capturable:
-            raise ValueError("lr as a Tensor is not supported for capturable=False and foreach=True")
-        if lr.numel() != 1:
-            raise ValueError("Tensor lr must be 1-element")
-    if not 0.0 <= lr:
-        raise ValueError(f"Invalid learning rate: {lr}")
-    if not 0.0 <= eps:
-        raise ValueError(f"Invalid epsilon value: {eps}")
-    if not 0.0 <= betas[0] < 1.0:
-        raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
-    if not 0.0 <= betas[1] < 1.0:
-        raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
-    if not 0.0 <= weight_decay:
-        raise ValueError(f"Invalid weight_decay value: {weight_decay}")
-    if not ((isinstance(betas[0], float) and isinstance(betas[1], float))
-            or (isinstance(betas[0], torch.Tensor) and isinstance(betas[1], torch.Tensor))):
-        raise ValueError("betas must be either both floats or both Tensors")
-    for index in (0, 1):
-        if isinstance(betas[index], torch.Tensor):
-            if not capturable and foreach:
-                raise ValueError(f"betas[{index}] as a Tensor is not supported for capturable=False "
-                                 "and foreach=True")
-            if betas[index].numel() != 1:
-                raise ValueError(f"Tensor betas[{index}] must be 1-element")
-
-
-def _check_differentiable(differentiable) -> None:
-    if differentiable:
-        raise RuntimeError("fusedreg.optim.AdamW does not support differentiable=True (its step is a "
-                           "fused kernel with no autograd formula); use "
-                           "torch.optim.AdamW(differentiable=True)")
-
-
-def _version(t: torch.Tensor):
-    try:
-        return t._version
-    except RuntimeError:  # inference tensors have no version counter: treat as always changed
-        return object()
-
-
-def _signature(values) -> tuple:
-    """What the cached hyperparameter rows depend on (never a tensor's value: that would sync)."""
-    return tuple((id(v), _version(v)) if isinstance(v, torch.Tensor) else float(v) for v in values)
-
-
-def _group_values(group) -> tuple:
-    beta1, beta2 = group["betas"]
-    return group["lr"], beta1, beta2, group["weight_decay"], group["eps"]
-
-
-def _device_row(values, device: torch.device) -> torch.Tensor:
-    """(lr, beta1, beta2, weight_decay, eps) as float64 [5] on `device`, built with device ops only
-    (no host-to-device copy of Python floats), so it can run inside CUDA-graph capture."""
-    return torch.stack([
-        v.detach().reshape(()).to(device=device, dtype=torch.float64, non_blocking=True)
-        if isinstance(v, torch.Tensor) else torch.full((), float(v), dtype=torch.float64, device=device)
-        for v in values])
-
-
-def _step_tensor(value, device: torch.device) -> torch.Tensor:
-    """A saved step count (tensor or number) as a fresh float32 scalar on `device`."""
-    t = value.detach() if isinstance(value, torch.Tensor) else torch.tensor(float(value))
-    return t.reshape(()).to(device=device, dtype=torch.float32, copy=True)
-
-
-def _on(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
-    """A one-element GradScaler tensor as a float32 scalar on `device` (no sync)."""
-    if t is None:
-        return None
-    return t.reshape(()).to(device=device, dtype=torch.float32, non_blocking=True)
-
-
 def _total_norm(grads: list[torch.Tensor], backend: str | None, norm_dtype: torch.dtype) -> torch.Tensor:
     """The global 2-norm of `grads` in `norm_dtype`, by fusedreg.get_total_norm's kernels."""
     return get_total_norm(grads, 2.0, backend=backend, norm_dtype=norm_dtype)
-
-
-class _Bucket:
-    """The tensors of one op call, plus what the call needs around it."""
-    __slots__ = ("params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "steps", "all_steps",
-                 "runs", "writebacks")
-
-    def __init__(self):
-        self.params: list[torch.Tensor] = []
-        self.grads: list[torch.Tensor] = []
-        self.exp_avgs: list[torch.Tensor] = []
-        self.exp_avg_sqs: list[torch.Tensor] = []
-        self.max_exp_avg_sqs: list[torch.Tensor] = []  # stays empty unless amsgrad
-        self.steps: list[torch.Tensor] = []      # of the tensors sent to the kernel
-        self.all_steps: list[torch.Tensor] = []  # zero-size parameters count steps too
-        self.runs: list[list[int]] = []          # [group index, tensor count] in kernel order
-        self.writebacks: list[tuple[torch.Tensor, torch.Tensor]] = []  # (non-dense param, dense copy)
 
 
 class AdamW(Optimizer):
@@ -184,8 +88,8 @@ class AdamW(Optimizer):
                  foreach: bool | None = None, capturable: bool = False, differentiable: bool = False,
                  fused: bool | None = None, max_grad_norm: float | None = None,
                  backend: str | None = None, state_dtype: torch.dtype | None = None) -> None:
-        _check_hyperparameters(lr, betas, eps, weight_decay, foreach, capturable)
-        _check_differentiable(differentiable)
+        check_hyperparameters(lr, betas, eps, weight_decay, foreach, capturable)
+        check_differentiable(differentiable)
         if fused and foreach:
             raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
         if max_grad_norm is not None and not 0.0 < float(max_grad_norm) < float("inf"):
@@ -198,7 +102,7 @@ class AdamW(Optimizer):
         self.state_dtype = state_dtype
         self.last_grad_norm: torch.Tensor | None = None
         self._hparams_cache: dict[tuple, tuple] = {}
-        defaults = dict(lr=lr, betas=(_to_scalar(betas[0]), _to_scalar(betas[1])), eps=eps,
+        defaults = dict(lr=lr, betas=(to_scalar(betas[0]), to_scalar(betas[1])), eps=eps,
                         weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize, foreach=foreach,
                         capturable=capturable, differentiable=differentiable, fused=fused,
                         decoupled_weight_decay=True)
@@ -210,7 +114,7 @@ class AdamW(Optimizer):
         """torch's, but a parameter listed twice in one group is an error (torch warns that it will
         be): the fused step would update it from two places at once, racing on the GPU."""
         if isinstance(param_group, dict):  # else torch raises its own error
-            _check_differentiable(param_group.get("differentiable", False))
+            check_differentiable(param_group.get("differentiable", False))
             self._check_no_duplicates(param_group)
         super().add_param_group(param_group)
 
@@ -256,8 +160,8 @@ class AdamW(Optimizer):
                 continue
             state = self.state[p]
             if "step" in saved:
-                state["step"] = _step_tensor(saved["step"], p.device)
-            for key in _MOMENTS:
+                state["step"] = step_tensor(saved["step"], p.device)
+            for key in MOMENTS:
                 if isinstance(saved.get(key), torch.Tensor):
                     state[key] = saved[key].to(device=p.device, dtype=self._state_dtype(p))
 
@@ -266,7 +170,7 @@ class AdamW(Optimizer):
 
     def _init_state(self, p: torch.Tensor, state: dict, amsgrad: bool) -> None:
         state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-        for key in _MOMENTS[:3 if amsgrad else 2]:
+        for key in MOMENTS[:3 if amsgrad else 2]:
             state[key] = torch.zeros_like(p, dtype=self._state_dtype(p), memory_format=torch.preserve_format)
 
     def _graph_capture_check(self) -> bool:
@@ -278,13 +182,6 @@ class AdamW(Optimizer):
             raise RuntimeError(f"Attempting CUDA graph capture of step() for an instance of "
                                f"{type(self).__name__} but param_groups' capturable is False.")
         return capturing
-
-    @staticmethod
-    def _refuse_state_in_capture(what: str) -> None:
-        """State made during capture would be made again (zero-filled, copied) by every replay."""
-        raise RuntimeError(f"fusedreg.optim.AdamW: step() is being captured in a CUDA graph, but {what}; "
-                           "run step() eagerly at least once before capturing it (e.g. in the usual "
-                           "warm-up iterations on a side stream), so that the state exists already")
 
     # ------------------------------------------------------------------ the step
 
@@ -315,20 +212,21 @@ class AdamW(Optimizer):
         if self.max_grad_norm is not None:
             clip_coef, found_inf = self._clip_coef(buckets, grad_scale, found_inf)
 
-        signatures = [_signature(_group_values(group)) for group in self.param_groups]
+        signatures = group_signatures(self.param_groups)
         per_device: dict[torch.device, tuple] = {}
         for key, bucket in buckets.items():
             device = key[0]
             if device not in per_device:
-                found = _on(found_inf, device)
+                found = scalar_on(found_inf, device)
                 advance = None if found is None else (found == 0).to(torch.float32)
                 coef = None if clip_coef is None else clip_coef.to(device, non_blocking=True)
-                per_device[device] = (_on(grad_scale, device), found, advance, coef)
+                per_device[device] = (scalar_on(grad_scale, device), found, advance, coef)
             scale_d, found_d, advance_d, coef_d = per_device[device]
             torch._foreach_add_(bucket.all_steps, 1 if advance_d is None else advance_d)
             if bucket.params:
                 amsgrad, maximize = key[3], key[4]
-                hparams = self._hparams(key, bucket, signatures, capturing)
+                hparams = hparam_rows(self._hparams_cache, key, bucket.runs, self.param_groups, signatures,
+                                      capturing)
                 op = kernel("adamw_step_", _backend.select(device, self.backend), reference)
                 op(bucket.params, bucket.grads, bucket.exp_avgs, bucket.exp_avg_sqs,
                    bucket.max_exp_avg_sqs, bucket.steps, hparams, amsgrad, maximize,
@@ -337,14 +235,14 @@ class AdamW(Optimizer):
                 param.copy_(dense)
         return loss
 
-    def _buckets(self, capturing: bool) -> dict[tuple, _Bucket]:
+    def _buckets(self, capturing: bool) -> dict[tuple, Bucket]:
         """Parameters with gradients, bucketed by (device, dtype, state dtype, amsgrad, maximize);
         creates missing state. Runs every step over every parameter, so the common case (all
-        contiguous, real) costs a handful of attribute reads; the rest goes through _dense_views."""
-        buckets: dict[tuple, _Bucket] = {}
+        contiguous, real) costs a handful of attribute reads; the rest goes through dense_views."""
+        buckets: dict[tuple, Bucket] = {}
         states = self.state
         for index, group in enumerate(self.param_groups):
-            _check_differentiable(group["differentiable"])
+            check_differentiable(group["differentiable"])
             amsgrad, maximize = bool(group["amsgrad"]), bool(group["maximize"])
             for p in group["params"]:
                 grad = p.grad
@@ -356,18 +254,18 @@ class AdamW(Optimizer):
                 state = states[p]
                 if not state:
                     if capturing:
-                        self._refuse_state_in_capture("a parameter has no optimizer state yet")
+                        refuse_state_in_capture("a parameter has no optimizer state yet")
                     self._init_state(p, state, amsgrad)
                 elif amsgrad and "max_exp_avg_sq" not in state:  # amsgrad switched on mid-training
                     if capturing:
-                        self._refuse_state_in_capture("amsgrad needs a max_exp_avg_sq it has not made yet")
+                        refuse_state_in_capture("amsgrad needs a max_exp_avg_sq it has not made yet")
                     state["max_exp_avg_sq"] = torch.zeros_like(state["exp_avg_sq"])
                 exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
                 max_exp_avg_sq = state["max_exp_avg_sq"] if amsgrad else None
                 key = (p.device, p.dtype, exp_avg.dtype, amsgrad, maximize)
                 bucket = buckets.get(key)
                 if bucket is None:
-                    bucket = buckets[key] = _Bucket()
+                    bucket = buckets[key] = Bucket()
                 step = state["step"]
                 bucket.all_steps.append(step)
                 if not p.numel():
@@ -377,7 +275,7 @@ class AdamW(Optimizer):
                 if not (p.is_contiguous() and grad.is_contiguous() and exp_avg.is_contiguous()
                         and exp_avg_sq.is_contiguous() and key[1] not in _COMPLEX
                         and (max_exp_avg_sq is None or max_exp_avg_sq.is_contiguous())):
-                    param, grad, (exp_avg, exp_avg_sq, max_exp_avg_sq) = self._dense_views(
+                    param, grad, (exp_avg, exp_avg_sq, max_exp_avg_sq) = dense_views(
                         p, grad, state, amsgrad, bucket, capturing)
                 bucket.params.append(param)
                 bucket.grads.append(grad)
@@ -393,73 +291,7 @@ class AdamW(Optimizer):
                     runs.append([index, 1])
         return buckets
 
-    @staticmethod
-    def _dense_views(p, grad, state, amsgrad, bucket, capturing):
-        """(param, grad, moments) as the kernel needs them: one dense layout shared by all, real.
-
-        A non-dense parameter is replaced by a dense copy, registered for copying back; a gradient
-        in another layout (or dtype) by a copy in the parameter's; moments in another layout are
-        re-laid out in the state for good (they are the optimizer's own)."""
-        param = p
-        if not is_dense(p):
-            param = torch.empty_like(p).copy_(p)  # contiguous: empty_like of a non-dense tensor
-            bucket.writebacks.append((p, param))
-        if not same_layout(grad, param) or grad.dtype != p.dtype:
-            grad = torch.empty_like(param).copy_(grad)
-        state_dtype = state["exp_avg"].dtype
-        moments = []
-        for name in _MOMENTS[:3 if amsgrad else 2]:
-            m = state[name]
-            if not same_layout(m, param) or m.dtype != state_dtype:
-                if capturing:
-                    AdamW._refuse_state_in_capture(f"state[{name!r}] must first be re-laid out "
-                                                   "like its parameter")
-                m = state[name] = torch.empty_like(param, dtype=state_dtype).copy_(m)
-            moments.append(m)
-        if p.is_complex():
-            param, grad = torch.view_as_real(param), torch.view_as_real(grad)
-            moments = [torch.view_as_real(m) for m in moments]
-        if not amsgrad:
-            moments.append(None)
-        return param, grad, moments
-
-    def _hparams(self, key: tuple, bucket: _Bucket, signatures: list[tuple], capturing: bool) -> torch.Tensor:
-        """float64 [n, 5] rows (lr, beta1, beta2, weight_decay, eps) per tensor of the bucket, on
-        its device; cached while the groups' values (and the tensors' versions) stay the same.
-
-        Under CUDA-graph capture they are built afresh and not cached: rows made during capture
-        hold nothing until a replay (an eager step reading them would read garbage), and a graph
-        reading the cached rows would read freed memory once a new value replaced the entry."""
-        groups = self.param_groups
-        runs = [(index, count) for index, count in bucket.runs]
-        signature = tuple((index, count, signatures[index]) for index, count in runs)
-        has_tensor = [any(isinstance(v, torch.Tensor) for v in _group_values(groups[i])) for i, _ in runs]
-        on_device = any(has_tensor) or any(groups[i]["capturable"] for i, _ in runs)
-        every_step = any(t and groups[i]["capturable"] for t, (i, _) in zip(has_tensor, runs))
-        device = key[0]
-        cached = None if capturing else self._hparams_cache.get(key)
-        if cached is not None and not every_step and cached[0] == signature:
-            return cached[1]
-
-        if on_device or capturing:
-            hparams = torch.cat([_device_row(_group_values(groups[i]), device).expand(count, 5)
-                                 for i, count in runs])
-        else:  # one host-to-device copy, asynchronous from pinned memory
-            rows = []
-            for i, count in runs:
-                rows.extend([[float(v) for v in _group_values(groups[i])]] * count)
-            host = torch.tensor(rows, dtype=torch.float64)
-            if device.type == "cuda":
-                host = host.pin_memory()
-            hparams = host.to(device, non_blocking=True)
-        if capturing:
-            return hparams
-        # the Tensor values are kept alive with the entry, so their ids in `signature` stay theirs
-        keep_alive = [v for i, _ in runs for v in _group_values(groups[i]) if isinstance(v, torch.Tensor)]
-        self._hparams_cache[key] = (signature, hparams, keep_alive)
-        return hparams
-
-    def _clip_coef(self, buckets: dict[tuple, _Bucket], grad_scale, found_inf):
+    def _clip_coef(self, buckets: dict[tuple, Bucket], grad_scale, found_inf):
         """(clip coefficient, found_inf) for max_grad_norm, device scalars (the coefficient in the
         norm's dtype: float32, float64 for float64 gradients); sets last_grad_norm."""
         grads = [g for bucket in buckets.values() for g in bucket.grads]
@@ -472,9 +304,9 @@ class AdamW(Optimizer):
             wide = any(key[1] in (torch.float64, torch.complex128) for key in buckets)
             norm = _total_norm(grads, self.backend, torch.float64 if wide else torch.float32)
         if grad_scale is not None:  # the norm of the unscaled gradients
-            norm = norm / _on(grad_scale, norm.device).to(norm.dtype)
+            norm = norm / scalar_on(grad_scale, norm.device).to(norm.dtype)
         self.last_grad_norm = norm
         coef = torch.clamp(self.max_grad_norm / (norm + 1e-6), max=1.0)
         nonfinite = (~torch.isfinite(norm)).to(torch.float32)
-        found = nonfinite if found_inf is None else _on(found_inf, norm.device) + nonfinite
+        found = nonfinite if found_inf is None else scalar_on(found_inf, norm.device) + nonfinite
         return coef, found
