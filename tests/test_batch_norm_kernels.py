@@ -512,3 +512,63 @@ def test_gpu_more_than_2_pow_31_elements():
         assert_close(invstd, 1 / torch.sqrt(var_t + EPS), torch.float32)
         assert_close(out[-1].float().view(c), last, torch.bfloat16)
         del out
+
+
+# ----------------------------------------------------------------------------- Triton finalize
+
+def _split_partials(x, dy=None, mean=None, sizes=()):
+    """What _bn_partial_kernel writes for an (N, C) input whose rows are split into runs of
+    `sizes`: per split (count, mean, m2) of x - x[0] (the kernel's shift), or with dy the sums of
+    dy and dy * (x - mean); float32 [S, C] each, computed by torch."""
+    rows = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+    member = torch.zeros(len(sizes), x.shape[0], dtype=torch.float64)
+    member[rows, torch.arange(x.shape[0])] = 1  # [S, N]: row n is in split s
+    if dy is not None:
+        part_b = member @ (dy.double() * (x.double() - mean.double()))
+        return len(sizes), (member @ dy.double()).float(), part_b.float(), None
+    v = x.double() - x[0].double()
+    n = member.sum(1, keepdim=True).expand(-1, x.shape[1])
+    part_mean = member @ v / n
+    part_m2 = member @ (v - part_mean[rows]).square()
+    return len(sizes), n.float().contiguous(), part_mean.float(), part_m2.float()
+
+
+def test_triton_finalize_of_528_splits(monkeypatch):
+    """528 splits per channel (4 programs per SM on an H200, small C), of unequal counts: the
+    finalize's reduction over the split axis, as one tile and as 64-split chunks, gives the same
+    bits run to run and the float64 statistics, running statistics and gradient sums of the same
+    partials, with a mean far from 0 so cancellation would show. The partials come from torch, so
+    only the finalize kernels run."""
+    if "triton" not in native_backends("cpu"):
+        pytest.skip("triton is not usable here")
+    import fusedreg.triton.batch_norm as tbn
+    sizes = [1 + i % 7 for i in range(528)]
+    c = 3
+    x = make_input((sum(sizes), c), seed=7) * 0.5 + 300.0
+    dy = make_input((sum(sizes), c), seed=8, offset=False)
+    w, b, rm, rv = params(c, torch.float32, "cpu")
+    monkeypatch.setattr(tbn, "_partials", lambda x, layout, dy=None, mean=None:
+                        _split_partials(x, dy, mean, sizes))
+    x64, dy64 = x.double(), dy.double()
+    var64, mean64 = torch.var_mean(x64, 0, correction=0)
+    n = x.shape[0]
+    for tile in (1024, 64):
+        monkeypatch.setattr(tbn, "_FINALIZE_TILE", tile)
+        assert tbn._finalize_grid(len(sizes), c)[1] == min(tile, 1024)  # splits per tile: 1 or 9 tiles
+        runs = []
+        for _ in range(2):
+            rm_run, rv_run = rm.clone(), rv.clone()
+            _, mean, invstd = op("batch_norm_fwd", "triton")(x, w, b, rm_run, rv_run, True, 0.1, EPS)
+            runs.append((mean, invstd, rm_run, rv_run) + op("batch_norm_stats", "triton")(x)
+                        + op("batch_norm_bwd_reduce", "triton")(dy, x, mean))
+        for first, again in zip(*runs):
+            assert torch.equal(first, again)
+        mean, invstd, rm_run, rv_run, stats_mean, stats_var, sum_dy, sum_dy_xmu = runs[0]
+        torch.testing.assert_close(mean.double(), mean64, atol=0, rtol=2 * 2.0 ** -23)
+        assert torch.equal(stats_mean, mean)
+        assert_close(stats_var, var64, torch.float32)
+        assert_close(invstd, 1 / torch.sqrt(var64 + EPS), torch.float32)
+        assert_close(rm_run, 0.9 * rm.double() + 0.1 * mean64, torch.float32)
+        assert_close(rv_run, 0.9 * rv.double() + 0.1 * var64 * n / (n - 1), torch.float32)
+        assert_close(sum_dy, dy64.sum(0), torch.float32)
+        assert_close(sum_dy_xmu, (dy64 * (x64 - mean.double())).sum(0), torch.float32)

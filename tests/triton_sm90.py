@@ -185,7 +185,7 @@ def main(report_path: str) -> None:
     JITFunction.run = lambda fn, *args, grid, warmup, **kwargs: compiler.run(fn, args, kwargs)
     _common.compile_only = True
     # CPU tensors would get the interpreter's split counts; compile the GPU's
-    batch_norm._target_programs = lambda device: 4 * TARGET_SMS
+    batch_norm._target_programs = lambda device: batch_norm._PROGRAMS_PER_SM * TARGET_SMS
     names = kernel_names()  # imports (and so registers) every fusedreg.triton module
 
     cases = []
