@@ -32,6 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from ._build_log import first_error as _first_error
+from ._build_log import ninja_output_to as _stdout_to
 from ._cuda_paths import cuda_home, nvcc_path, nvidia_wheel_include_shim, torch_cpp_extension
 
 __all__ = ["BuildError", "load_library", "library_status", "unbuildable_reason", "build_ahead",
@@ -223,50 +225,6 @@ def _exclusive(lock_path: Path, what: str):
 
 # ----------------------------------------------------------------------------- build
 
-@contextlib.contextmanager
-def _stdout_to(log_path: Path, echo_progress: bool):
-    """Send fd 1 (where ninja writes) to the log; optionally echo ninja's [k/n] lines."""
-    sys.stdout.flush()
-    saved = os.dup(1)
-    log = open(log_path, "w")
-    os.dup2(log.fileno(), 1)
-    stop = threading.Event()
-
-    def echo():
-        with open(log_path) as reader:
-            while True:
-                line = reader.readline()
-                if line:
-                    if line.startswith("["):
-                        os.write(saved, f"  {line.split(' ', 1)[0]} {_short(line)}\n".encode())
-                elif stop.is_set():
-                    return
-                else:
-                    time.sleep(0.2)
-
-    thread = threading.Thread(target=echo, daemon=True) if echo_progress else None
-    if thread:
-        thread.start()
-    try:
-        yield
-    finally:
-        sys.stdout.flush()
-        os.dup2(saved, 1)
-        stop.set()
-        if thread:
-            thread.join(timeout=5)
-        os.close(saved)
-        log.close()
-
-
-def _short(ninja_line: str) -> str:
-    """'[2/5] /usr/bin/nvcc ... -c /x/csrc/dropout.cu -o dropout.cuda.o' -> 'dropout.cu'."""
-    words = ninja_line.split()
-    if "-c" in words and words.index("-c") + 1 < len(words):
-        return os.path.basename(words[words.index("-c") + 1])
-    return "linking" if " -shared " in ninja_line else words[-1] if words else ""
-
-
 def _compile(spec: _Spec, build_dir: Path, verbose: bool) -> Path:
     """Run torch's ninja-based JIT build into build_dir and return the library path."""
     cpp_extension = torch_cpp_extension()
@@ -316,14 +274,6 @@ def _compile(spec: _Spec, build_dir: Path, verbose: bool) -> Path:
             else:
                 os.environ[key] = value
     return Path(built)
-
-
-def _first_error(log_path: Path) -> str | None:
-    with contextlib.suppress(OSError):
-        for line in log_path.read_text(errors="replace").splitlines():
-            if "error" in line.lower() and len(line) < 400:
-                return line.strip()
-    return None
 
 
 def _max_jobs() -> int:
