@@ -1,16 +1,10 @@
-// CPU kernels of BatchNorm: fusedreg::batch_norm_fwd, _bwd, _stats, _elemt, _bwd_reduce, _bwd_elemt.
+// CPU ops of BatchNorm: fusedreg::batch_norm_fwd, _bwd, _stats, _elemt, _bwd_reduce, _bwd_elemt.
 //
-// Algorithm: every op is (per-channel reduction) -> (per-channel coefficients, O(C)) -> (one
-// elementwise pass), in the layout of batch_norm.h ((o * C + c) * inner + s):
-// - inner > 1 (NCHW-like): at::parallel_for over channels; a channel is `outer` runs of `inner`
-//   contiguous values, each run summed with kLanes interleaved accumulators (vectorizable) and
-//   pairwise above kCascadeBase values, the run sums then summed pairwise: rounding error grows
-//   with log(n), not n.
-// - inner == 1 (channels_last, (N, C)): at::parallel_for over fixed blocks of kRowsPerBlock rows;
-//   each block sums its rows into its own [C] partials (the inner loop runs over contiguous
-//   channels: vectorizable), and the partials are then summed pairwise in block order.
-// Statistics are two-pass and shifted: mean = shift + sum(x - shift) / n with shift = the channel's
-// first value, then m2 = sum((x - mean)^2), so neither a large mean nor cancellation hurts. All
+// Algorithm: every op is (per-channel reduction, batch_norm_stats.cpp) -> (per-channel
+// coefficients, O(C)) -> (one elementwise pass, here), in the layout of batch_norm.h
+// ((o * C + c) * inner + s). The elementwise pass runs at::parallel_for over the planes
+// (inner > 1) or the rows (inner == 1) with the coefficients of a channel loaded once per plane
+// (or kept as [C] arrays for rows: a vectorizable inner loop over contiguous channels). All
 // arithmetic is fp32 (fp64 for double) and the order of every addition depends only on the shape
 // and layout, never on the thread count: results are bitwise reproducible.
 //
@@ -19,6 +13,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
@@ -27,134 +22,6 @@
 
 namespace fusedreg {
 namespace {
-
-constexpr int kLanes = 8;
-constexpr int64_t kCascadeBase = 1024;
-constexpr int64_t kRowsPerBlock = 64;
-constexpr int64_t kGrainElems = 32768;  // elements per parallel task, roughly
-
-// out[k] = sum over i in [begin, end) of term(i)[k], for K sums at once.
-template <int K, typename acc, typename Term>
-void cascade_sum(int64_t begin, int64_t end, const Term& term, acc* out) {
-  if (end - begin > kCascadeBase) {
-    const int64_t mid = begin + (end - begin) / 2;
-    acc lo[K], hi[K];
-    cascade_sum<K>(begin, mid, term, lo);
-    cascade_sum<K>(mid, end, term, hi);
-    for (int k = 0; k < K; ++k) out[k] = lo[k] + hi[k];
-    return;
-  }
-  acc lanes[K][kLanes] = {};
-  int64_t i = begin;
-  for (; i + kLanes <= end; i += kLanes) {
-    for (int l = 0; l < kLanes; ++l) {
-      acc t[K];
-      term(i + l, t);
-      for (int k = 0; k < K; ++k) lanes[k][l] += t[k];
-    }
-  }
-  for (int l = 0; i < end; ++i, ++l) {
-    acc t[K];
-    term(i, t);
-    for (int k = 0; k < K; ++k) lanes[k][l] += t[k];
-  }
-  for (int k = 0; k < K; ++k) {
-    for (int width = kLanes / 2; width > 0; width /= 2) {
-      for (int l = 0; l < width; ++l) lanes[k][l] += lanes[k][l + width];
-    }
-    out[k] = lanes[k][0];
-  }
-}
-
-// out[k][c] = sum over the elements of channel c (memory offsets e) of term(c, e)[k].
-template <int K, typename acc, typename Term>
-void reduce_channels(const BatchNormLayout& L, const Term& term, acc* const* out) {
-  const int64_t C = L.channels;
-  if (L.numel() == 0) {
-    for (int k = 0; k < K; ++k) std::fill(out[k], out[k] + C, acc(0));
-    return;
-  }
-  if (L.inner > 1) {
-    const int64_t grain = std::max<int64_t>(1, kGrainElems / L.per_channel());
-    at::parallel_for(0, C, grain, [&](int64_t c_begin, int64_t c_end) {
-      std::vector<acc> runs(L.outer * K);
-      for (int64_t c = c_begin; c < c_end; ++c) {
-        for (int64_t o = 0; o < L.outer; ++o) {
-          const int64_t base = (o * C + c) * L.inner;
-          cascade_sum<K>(0, L.inner, [&](int64_t s, acc* t) { term(c, base + s, t); }, &runs[o * K]);
-        }
-        acc total[K];
-        cascade_sum<K>(0, L.outer, [&](int64_t o, acc* t) {
-          for (int k = 0; k < K; ++k) t[k] = runs[o * K + k];
-        }, total);
-        for (int k = 0; k < K; ++k) out[k][c] = total[k];
-      }
-    });
-    return;
-  }
-  const int64_t rows = L.outer;
-  const int64_t blocks = (rows + kRowsPerBlock - 1) / kRowsPerBlock;
-  std::vector<acc> partials(blocks * K * C, acc(0));  // [block][k][c]
-  at::parallel_for(0, blocks, std::max<int64_t>(1, kGrainElems / (kRowsPerBlock * C)),
-                   [&](int64_t b_begin, int64_t b_end) {
-    for (int64_t b = b_begin; b < b_end; ++b) {
-      acc* part = &partials[b * K * C];
-      const int64_t r_end = std::min(rows, (b + 1) * kRowsPerBlock);
-      for (int64_t r = b * kRowsPerBlock; r < r_end; ++r) {
-        for (int64_t c = 0; c < C; ++c) {
-          acc t[K];
-          term(c, r * C + c, t);
-          for (int k = 0; k < K; ++k) part[k * C + c] += t[k];
-        }
-      }
-    }
-  });
-  at::parallel_for(0, C, std::max<int64_t>(1, kGrainElems / blocks), [&](int64_t c_begin, int64_t c_end) {
-    for (int64_t c = c_begin; c < c_end; ++c) {
-      acc total[K];
-      cascade_sum<K>(0, blocks, [&](int64_t b, acc* t) {
-        for (int k = 0; k < K; ++k) t[k] = partials[(b * K + k) * C + c];
-      }, total);
-      for (int k = 0; k < K; ++k) out[k][c] = total[k];
-    }
-  });
-}
-
-// Per-channel mean and m2 = sum((x - mean)^2) of x; zeros for an empty batch.
-template <typename scalar_t>
-void channel_moments(const scalar_t* x, const BatchNormLayout& L, acc_t<scalar_t>* mean,
-                     acc_t<scalar_t>* m2) {
-  using acc = acc_t<scalar_t>;
-  const int64_t C = L.channels;
-  const acc n = static_cast<acc>(L.per_channel());
-  std::vector<acc> shift(C, acc(0));
-  if (L.numel() > 0) {
-    for (int64_t c = 0; c < C; ++c) shift[c] = static_cast<acc>(x[c * L.inner]);  // o = s = 0
-  }
-  acc* sums[1] = {mean};
-  reduce_channels<1, acc>(L, [&](int64_t c, int64_t e, acc* t) {
-    t[0] = static_cast<acc>(x[e]) - shift[c];
-  }, sums);
-  for (int64_t c = 0; c < C; ++c) mean[c] = L.numel() > 0 ? shift[c] + mean[c] / n : acc(0);
-  acc* squares[1] = {m2};
-  reduce_channels<1, acc>(L, [&](int64_t c, int64_t e, acc* t) {
-    const acc d = static_cast<acc>(x[e]) - mean[c];
-    t[0] = d * d;
-  }, squares);
-}
-
-// Per-channel sum(dy) and sum(dy * (x - mean)).
-template <typename scalar_t>
-void channel_grad_sums(const scalar_t* dy, const scalar_t* x, const BatchNormLayout& L,
-                       const acc_t<scalar_t>* mean, acc_t<scalar_t>* sum_dy, acc_t<scalar_t>* sum_dy_xmu) {
-  using acc = acc_t<scalar_t>;
-  acc* outs[2] = {sum_dy, sum_dy_xmu};
-  reduce_channels<2, acc>(L, [&](int64_t c, int64_t e, acc* t) {
-    const acc g = static_cast<acc>(dy[e]);
-    t[0] = g;
-    t[1] = g * (static_cast<acc>(x[e]) - mean[c]);
-  }, outs);
-}
 
 enum class Pass { kForward, kBackward, kBackwardEval };
 
@@ -192,7 +59,7 @@ void elementwise(const BatchNormOperands& ops, const Coefs<acc_t<scalar_t>>& co)
   constexpr bool kReadsDy = kPass != Pass::kForward;
   auto load = [](const scalar_t* p, int64_t e) { return static_cast<acc>(p[e]); };
   if (L.inner > 1) {
-    at::parallel_for(0, L.outer * C, std::max<int64_t>(1, kGrainElems / L.inner),
+    at::parallel_for(0, L.outer * C, std::max<int64_t>(1, kCpuGrainElems / L.inner),
                      [&](int64_t p_begin, int64_t p_end) {
       for (int64_t p = p_begin; p < p_end; ++p) {
         const int64_t c = p % C;
@@ -205,7 +72,7 @@ void elementwise(const BatchNormOperands& ops, const Coefs<acc_t<scalar_t>>& co)
     });
   } else {
     const acc *m = co.m.data(), *a = co.a.data(), *b = co.b.data(), *k = co.k.data();
-    at::parallel_for(0, L.outer, std::max<int64_t>(1, kGrainElems / C), [&](int64_t r_begin, int64_t r_end) {
+    at::parallel_for(0, L.outer, std::max<int64_t>(1, kCpuGrainElems / C), [&](int64_t r_begin, int64_t r_end) {
       for (int64_t r = r_begin; r < r_end; ++r) {
         const int64_t base = r * C;
         for (int64_t c = 0; c < C; ++c) {

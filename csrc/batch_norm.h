@@ -4,7 +4,7 @@
 // Layout rule (as fusedreg/reference/batch_norm.py): outputs are at::empty_like(input); an input
 // that is not non-overlapping and dense is first copied into that layout, and every other
 // per-element operand (grad_out) is brought into it too. Kernels then see one dense layout,
-// described by three numbers:
+// described by three numbers (BatchNormLayout, batch_norm_layout.h):
 //     memory offset of element (o, c, s) = (o * C + c) * inner + s,   o < outer, s < inner
 // inner = input.stride(1) (the product of the sizes of the dims stored inside the channel dim),
 // outer = numel / (C * inner). Contiguous NC* inputs have outer = N, inner = H*W; channels_last
@@ -22,17 +22,11 @@
 #include <optional>
 #include <sstream>
 
+#include "batch_norm_layout.h"
 #include "common/checks.h"
+#include "common/dispatch.h"
 
 namespace fusedreg {
-
-struct BatchNormLayout {
-  int64_t outer = 0;
-  int64_t channels = 0;
-  int64_t inner = 0;
-  int64_t per_channel() const { return outer * inner; }  // n: values reduced per channel
-  int64_t numel() const { return outer * channels * inner; }
-};
 
 inline at::ScalarType bn_stats_dtype(const at::Tensor& input) {
   return input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -151,5 +145,20 @@ inline BatchNormOperands prepare_bn(const at::Tensor& input, const at::Tensor* g
 inline at::Tensor bn_stats_empty(const at::Tensor& input) {
   return at::empty({input.size(1)}, input.options().dtype(bn_stats_dtype(input)));
 }
+
+// ----------------------------------------------------------------------------- CPU reductions
+// Defined in batch_norm_stats.cpp for every FUSEDREG_DISPATCH_FLOATING dtype; used by batch_norm.cpp.
+
+constexpr int64_t kCpuGrainElems = 32768;  // elements per at::parallel_for task, roughly
+
+// Per-channel mean and m2 = sum((x - mean)^2) of x; zeros for an empty batch.
+template <typename scalar_t>
+void channel_moments(const scalar_t* x, const BatchNormLayout& L, acc_t<scalar_t>* mean,
+                     acc_t<scalar_t>* m2);
+
+// Per-channel sum(dy) and sum(dy * (x - mean)).
+template <typename scalar_t>
+void channel_grad_sums(const scalar_t* dy, const scalar_t* x, const BatchNormLayout& L,
+                       const acc_t<scalar_t>* mean, acc_t<scalar_t>* sum_dy, acc_t<scalar_t>* sum_dy_xmu);
 
 }  // namespace fusedreg
