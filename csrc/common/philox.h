@@ -76,6 +76,52 @@ FUSEDREG_HOST_DEVICE inline Philox4x32Words philox4x32_10(uint32_t c0, uint32_t 
   return {{c0, c1, c2, c3}};
 }
 
+// The round keys of one 64-bit key (k0 = low word, k1 = high word): a kernel that runs many
+// counters under one key derives them once instead of bumping them inside every call.
+struct PhiloxKeys {
+  uint32_t k0[kPhiloxRounds];
+  uint32_t k1[kPhiloxRounds];
+};
+
+FUSEDREG_HOST_DEVICE inline PhiloxKeys philox_keys(uint64_t key) {
+  PhiloxKeys keys;
+  uint32_t k0 = static_cast<uint32_t>(key), k1 = static_cast<uint32_t>(key >> 32);
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+  for (int round = 0; round < kPhiloxRounds; ++round) {
+    keys.k0[round] = k0;
+    keys.k1[round] = k1;
+    k0 += kPhiloxW0;
+    k1 += kPhiloxW1;
+  }
+  return keys;
+}
+
+// philox4x32_10 with the round keys given: the same rounds, the same words.
+FUSEDREG_HOST_DEVICE inline Philox4x32Words philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3,
+                                                          const PhiloxKeys& keys) {
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+  for (int round = 0; round < kPhiloxRounds; ++round) {
+    const uint32_t hi0 = philox_mulhi(kPhiloxM0, c0);
+    const uint32_t lo0 = kPhiloxM0 * c0;
+    const uint32_t hi1 = philox_mulhi(kPhiloxM1, c2);
+    const uint32_t lo1 = kPhiloxM1 * c2;
+    c0 = hi1 ^ c1 ^ keys.k0[round];
+    c1 = lo1;
+    c2 = hi0 ^ c3 ^ keys.k1[round];
+    c3 = lo0;
+  }
+  return {{c0, c1, c2, c3}};
+}
+
+// dropout_group_words (below) with the seed's round keys given.
+FUSEDREG_HOST_DEVICE inline Philox4x32Words dropout_group_words(const PhiloxKeys& keys, uint64_t group) {
+  return philox4x32_10(static_cast<uint32_t>(group), static_cast<uint32_t>(group >> 32), 0u, 0u, keys);
+}
+
 // The four words for dropout elements 4*group .. 4*group+3. `seed` is the int64 seed tensor's
 // value reinterpreted as unsigned (negative seeds are fine).
 FUSEDREG_HOST_DEVICE inline Philox4x32Words dropout_group_words(uint64_t seed, uint64_t group) {
