@@ -109,13 +109,14 @@ def test_dropout(backend, dtype, layout):
 
 @pytest.mark.parametrize("bias", ["none", "bias", "bias_misaligned"])
 @pytest.mark.parametrize("misaligned", [False, True], ids=["aligned", "misaligned"])
+@pytest.mark.parametrize("width", [128, 131], ids=["rows_of_8", "odd_rows"])  # bias fast path or not
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_dropout_add(backend, dtype, misaligned, bias):
-    shape = (5, 131)
+def test_dropout_add(backend, dtype, width, misaligned, bias):
+    shape = (5, width)
     x = _randn(shape, dtype, offset=int(misaligned), seed=1)
     residual = _randn(shape, dtype, offset=int(misaligned), seed=2)
-    b = None if bias == "none" else _randn((131,), dtype, offset=int(bias == "bias_misaligned"), seed=3)
+    b = None if bias == "none" else _randn((width,), dtype, offset=int(bias == "bias_misaligned"), seed=3)
     _run_both("dropout_add_fwd", backend, ref_dropout.dropout_add_fwd, (x, residual, b, _seed(), 0.3), dtype)
 
 
