@@ -150,7 +150,9 @@ record() {  # record NAME STATUS SECONDS [NOTE]
 }
 
 # step NAME BUDGET LOGFILE|- COMMAND...: run under `timeout BUDGET`, output to LOGFILE (its tail to
-# the console) or, with "-", to the console; record PASS / FAIL / TIMEOUT.
+# the console) or, with "-", to the console; record PASS / FAIL / TIMEOUT. The signal sent at the
+# budget is $STOP_SIGNAL (default TERM); pytest gets INT, on which it stops like on Ctrl-C and still
+# prints its summary and writes the junit XML of every case that ran.
 step() {
     local name=$1 budget=$2 log=$3 start rc
     shift 3
@@ -161,10 +163,10 @@ step() {
         set -- bash -c '"$@"' "$1" "$@"
     fi
     if [ "$log" = - ]; then
-        timeout --kill-after=10 "$budget" "$@"
+        timeout --signal="${STOP_SIGNAL:-TERM}" --kill-after=20 "$budget" "$@"
         rc=$?
     else
-        timeout --kill-after=10 "$budget" "$@" >"$log" 2>&1
+        timeout --signal="${STOP_SIGNAL:-TERM}" --kill-after=20 "$budget" "$@" >"$log" 2>&1
         rc=$?
         tail -n 25 "$log"
     fi
@@ -243,7 +245,7 @@ if [ "$TIER" = 1 ]; then
     workers=${TEST_WORKERS:-$(nproc)}
     [ "$workers" -gt 16 ] && workers=16
     # shellcheck disable=SC2086  # TEST_ARGS is a list of words
-    step tests "$(budget_of tests "${TIER1_STEPS[@]}")" "$OUTDIR/tests-gpu.log" \
+    STOP_SIGNAL=INT step tests "$(budget_of tests "${TIER1_STEPS[@]}")" "$OUTDIR/tests-gpu.log" \
         "$PY" -m pytest -q -rfE -p no:cacheprovider -m "$GPU_SELECTION" -n "$workers" \
         --junitxml="$OUTDIR/tests-gpu.xml" ${TEST_ARGS:-}
     budget=$(budget_of bench "${TIER1_STEPS[@]}")
