@@ -141,6 +141,26 @@ __device__ __forceinline__ void store_unit(scalar_t* p, int64_t off, const acc (
   store_vec<V>(p + off, raw);
 }
 
+// store_unit with a 16-byte unit written by one st.global.v4 (a plain weak store, the STG.E.128 an
+// unsplit store_vec compiles to), same alignment precondition. For the loops where NVVM splits
+// store_vec's AlignedVec store into per-value STGs (rows elementwise, the on-chip planes last pass
+// once unrolled). Elsewhere store_unit stays: there store_vec is one STG.E.128 already, and the
+// asm (opaque to NVVM, a memory clobber) costs a few instructions.
+template <typename acc, int V, typename scalar_t>
+__device__ __forceinline__ void store_unit_v4(scalar_t* p, int64_t off, const acc (&v)[V]) {
+  AlignedVec<scalar_t, V> raw;
+#pragma unroll
+  for (int i = 0; i < V; ++i) raw.val[i] = static_cast<scalar_t>(v[i]);
+  if constexpr (sizeof(raw) == sizeof(uint4)) {
+    const uint4 w = bits_as<uint4>(raw);
+    asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};"
+                 :: "l"(__cvta_generic_to_global(p + off)), "r"(w.x), "r"(w.y), "r"(w.z), "r"(w.w)
+                 : "memory");
+  } else {
+    store_vec<V>(p + off, raw);
+  }
+}
+
 // Slot of value i of a unit: planes have one channel per unit (slot 0), rows V (slot i).
 template <bool kRows>
 __device__ __forceinline__ constexpr int slot_of(int i) { return kRows ? i : 0; }

@@ -121,7 +121,7 @@ bn_elemt_rows_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict_
       y[e] = apply<kPass>(k[e], kPass != Pass::kBackwardEval ? xv[e] : acc(0),
                           kPass != Pass::kForward ? gv[e] : acc(0));
     }
-    store_unit<acc, V>(out, off, y);
+    store_unit_v4<acc, V>(out, off, y);
   }
 }
 

@@ -174,7 +174,11 @@ bn_onchip_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ dy
           y[e] = apply<Pass::kForward>(k[slot_of<kRows>(e)], static_cast<acc>(raw.val[e]), acc(0));
         }
       }
-      store_unit<acc, V>(out, walk.offset(), y);
+      if constexpr (kRows) {
+        store_unit<acc, V>(out, walk.offset(), y);
+      } else {
+        store_unit_v4<acc, V>(out, walk.offset(), y);
+      }
       walk.advance();
     }
   };
