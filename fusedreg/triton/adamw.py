@@ -53,6 +53,14 @@ _TL_DTYPES = {torch.float32: tl.float32, torch.float64: tl.float64, torch.float1
 
 
 @triton.jit
+def _load(ptr, offs, mask, math_ty, MASKED: tl.constexpr):
+    if MASKED:
+        return tl.load(ptr + offs, mask=mask, other=0.0).to(math_ty)
+    else:
+        return tl.load(ptr + offs).to(math_ty)
+
+
+@triton.jit
 def _store(ptr, offs, mask, value, MASKED: tl.constexpr, BF16_ROUND_BY_BITS: tl.constexpr):
     if BF16_ROUND_BY_BITS:
         if ptr.dtype.element_ty == tl.bfloat16:
@@ -87,16 +95,10 @@ def _update_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, offs, mask,
                   AMSGRAD: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, MASKED: tl.constexpr,
                   FP64: tl.constexpr, BF16_ROUND_BY_BITS: tl.constexpr):
     math_ty = tl.float64 if FP64 else tl.float32
-    if MASKED:
-        param = tl.load(p_ptr + offs, mask=mask, other=0.0).to(math_ty)
-        grad = tl.load(g_ptr + offs, mask=mask, other=0.0).to(math_ty)
-        exp_avg = tl.load(m_ptr + offs, mask=mask, other=0.0).to(math_ty)
-        exp_avg_sq = tl.load(v_ptr + offs, mask=mask, other=0.0).to(math_ty)
-    else:
-        param = tl.load(p_ptr + offs).to(math_ty)
-        grad = tl.load(g_ptr + offs).to(math_ty)
-        exp_avg = tl.load(m_ptr + offs).to(math_ty)
-        exp_avg_sq = tl.load(v_ptr + offs).to(math_ty)
+    param = _load(p_ptr, offs, mask, math_ty, MASKED)
+    grad = _load(g_ptr, offs, mask, math_ty, MASKED)
+    exp_avg = _load(m_ptr, offs, mask, math_ty, MASKED)
+    exp_avg_sq = _load(v_ptr, offs, mask, math_ty, MASKED)
     if HAS_GRAD_SCALE:
         grad = _div(grad, grad_scale, FP64)
     grad = grad * grad_coef  # clip_coef (1 when not given), negated when maximizing: exact
@@ -106,10 +108,7 @@ def _update_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, offs, mask,
     exp_avg_sq = exp_avg_sq * beta2 + one_minus_beta2 * grad * grad
     second_moment = exp_avg_sq
     if AMSGRAD:
-        if MASKED:
-            max_exp_avg_sq = tl.load(vmax_ptr + offs, mask=mask, other=0.0).to(math_ty)
-        else:
-            max_exp_avg_sq = tl.load(vmax_ptr + offs).to(math_ty)
+        max_exp_avg_sq = _load(vmax_ptr, offs, mask, math_ty, MASKED)
         # max that propagates NaN, like torch.maximum
         max_exp_avg_sq = tl.where((max_exp_avg_sq > exp_avg_sq) | (max_exp_avg_sq != max_exp_avg_sq),
                                   max_exp_avg_sq, exp_avg_sq)
