@@ -8,7 +8,7 @@ import torch as _torch
 # The oldest torch this package is tested on (CI runs the suite on it); older ones lack what the op
 # registration, the JIT build and the modules rely on, and would fail later and less clearly.
 TORCH_FLOOR = (2, 11)
-if tuple(int(part) for part in _torch.__version__.split(".")[:2]) < TORCH_FLOOR:
+if _torch.__version__ < TORCH_FLOOR:  # a TorchVersion: compares with tuples
     raise ImportError(f"fusedreg needs torch >= {'.'.join(map(str, TORCH_FLOOR))}, "
                       f"found torch {_torch.__version__}; upgrade torch")
 from . import _library  # noqa: F401  (defines the torch.ops.fusedreg schemas)

@@ -2,7 +2,6 @@
 every backend against PyTorch's F.batch_norm / nn.BatchNorm*d contract: outputs, running stats and
 gradients over several steps then eval, layouts, low precision, gradcheck, checkpoints, errors,
 torch.compile."""
-import inspect
 import re
 
 import pytest
@@ -13,6 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import fusedreg
 from conftest import TOLERANCES, native_backends
 from fusedreg import _backend, _library
+from fusedreg.nn.batch_norm import finish_bias, torch_bias_kwargs
 
 PAIRS = ([("cpu", b) for b in ["reference"] + native_backends("cpu")]
          + [("cuda", b) for b in native_backends("cuda")])
@@ -308,11 +308,8 @@ def test_gradcheck_float64(device, backend, shape, training):
 
 def _torch_module(torch_cls, *args, bias=True, **kwargs):
     """torch's module; bias=False as torch >= 2.12 builds it (no bias parameter) on older torch too."""
-    if "bias" in inspect.signature(torch.nn.modules.batchnorm._NormBase.__init__).parameters:
-        return torch_cls(*args, bias=bias, **kwargs)
-    module = torch_cls(*args, **kwargs)
-    if not bias and module.affine:
-        module.register_parameter("bias", None)
+    module = torch_cls(*args, **torch_bias_kwargs(bias), **kwargs)
+    finish_bias(module, bias)
     return module
 
 

@@ -28,7 +28,7 @@ from ._dispatch import kernel
 
 __all__ = ["BatchNormFunction", "batch_norm"]
 
-_COMPILE_MISROUTES_ALIASED_OUTPUTS = tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 12)
+_COMPILE_MISROUTES_ALIASED_OUTPUTS = torch.__version__ < (2, 12)
 
 
 def stats_dtype(input: torch.Tensor) -> torch.dtype:
