@@ -60,11 +60,16 @@ budget_of() {  # budget_of STEP "${STEPS[@]}"
     echo 0
 }
 
-print_budget() {  # print_budget TIER "${STEPS[@]}"
-    local tier=$1 total=0 entry
-    shift
+total_budget() {  # total_budget "${STEPS[@]}"
+    local total=0 entry
     for entry in "$@"; do total=$((total + ${entry##* })); done
-    echo "tier $tier budget: $total s in all ($(printf '%s s, ' "$@" | sed 's/, $//'))"
+    echo $total
+}
+
+print_budget() {  # print_budget TIER "${STEPS[@]}"
+    local tier=$1
+    shift
+    echo "tier $tier budget: $(total_budget "$@") s in all ($(printf '%s s, ' "$@" | sed 's/, $//'))"
 }
 
 # How many test cases each -m selection collects here, from one collection (CUDA cases are
@@ -256,9 +261,7 @@ else
     step build "$(budget_of build "${TIER2_STEPS[@]}")" - build_both
     sanitize memcheck "$(budget_of memcheck "${TIER2_STEPS[@]}")"
     sanitize racecheck "$(budget_of racecheck "${TIER2_STEPS[@]}")"
-    total=0
-    for entry in "${TIER2_STEPS[@]}"; do total=$((total + ${entry##* })); done
-    left=$((total - (SECONDS - TIER_START)))
+    left=$(($(total_budget "${TIER2_STEPS[@]}") - (SECONDS - TIER_START)))
     if [ $left -gt 40 ]; then
         step bench "$left" - "$PY" -m fusedreg bench --budget $((left - 30)) \
             --json "$OUTDIR/bench-full.json" --plot "$OUTDIR/bench-full.png"
