@@ -58,7 +58,7 @@ acc_t<scalar_t> chunk_pow_sum(const scalar_t* x, int64_t size, acc_t<scalar_t> p
     } else if constexpr (kKind == NormKind::kInf) {
       lanes[lane] = nan_propagating_max(lanes[lane], std::abs(a));
     } else {
-      lanes[lane] += std::pow(std::abs(a), p);
+      lanes[lane] += abs_pow(a, p);  // clip.h: exp2(p * log2|x|) in float, as the CUDA kernel
     }
   };
   const int64_t full = size / kLanes * kLanes;

@@ -551,3 +551,59 @@ def test_gpu_python_float_norm_no_sync_and_capturable(backend):
     torch.nn.utils.clip_grads_with_norm_(expected, 1.0, torch.tensor(7.5, device="cuda"))
     for p, e in zip(params, expected):
         torch.testing.assert_close(p.grad, e.grad)
+
+
+# ----------------------------------------------------------------------------- general p: |x|^p
+
+def _loaded_op(name, backend):
+    """The kernel op of `backend`, its library loaded (or its Triton module imported) first."""
+    if backend == "triton":
+        import fusedreg.triton.clip  # noqa: F401  registers the *_triton ops
+    else:
+        from fusedreg import _build
+        _build.load_library(backend)
+    return _library.op(name, backend)
+
+
+@pytest.mark.parametrize("p", [3.0, 0.5, 1.5])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("device,backend", NATIVE_PAIRS)
+def test_p_norm_special_values_as_torch(device, backend, dtype, p):
+    """|x|^p is exp2(p * log2|x|) on the kernels: 0 and -0 still give 0, inf gives inf, NaN NaN."""
+    op = _loaded_op("grad_norm_pow", backend)
+    finite = _grads(device, dtype, shapes=[(37,)], seed=4)[0]
+
+    def with_values(*values):
+        return [finite, torch.tensor(values, dtype=dtype, device=device)]
+
+    zeros = op([torch.tensor([0.0, -0.0, 0.0], dtype=dtype, device=device)], p)
+    assert zeros.item() == 0.0 and not zeros.isnan()
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    expected = finite.to(torch.float64).abs().pow(p).sum().to(acc)
+    torch.testing.assert_close(op(with_values(0.0, -0.0), p), expected, atol=0, rtol=TOLERANCES[acc][1])
+    for values, want in [((1.0, math.inf), math.inf), ((-math.inf, 0.0), math.inf), ((math.nan, 2.0), math.nan),
+                         ((math.inf, math.nan), math.nan)]:
+        got = op(with_values(*values), p).item()
+        ref = reference.grad_norm_pow(with_values(*values), p).item()
+        assert (math.isnan(got) and math.isnan(ref) and math.isnan(want)) or got == ref == want, (values, got, ref)
+
+
+@pytest.mark.parametrize("p", [0.5, 1.5, 3.0, 7.0])
+@pytest.mark.parametrize("device,backend", NATIVE_PAIRS)
+def test_p_norm_relative_error_over_magnitudes(device, backend, p):
+    """|x|^p from 2^-100 to 2^100 (|x| a normal float32), dominated in turn by the largest and by
+    many small terms: the p-th power sum keeps the float32 norm tolerance against float64 (the
+    product p * log2|x| is rounded to float32, so the error bound grows with |log2 |x|^p|, up to
+    ~4e-6 here)."""
+    gen = torch.Generator().manual_seed(7)
+    limit = min(100.0, 120.0 * p)
+    exponent = (torch.rand(4096, generator=gen, dtype=torch.float64) * 2 - 1) * limit  # log2 |x|^p
+    sign = torch.where(torch.rand(4096, generator=gen) < 0.5, -1.0, 1.0).double()
+    x = (sign * torch.exp2(exponent / p)).float()
+    op = _loaded_op("grad_norm_pow", backend)
+    for part in (x, x[exponent < 0], x[(exponent > 40) & (exponent < 60)]):  # all; only tiny; mid
+        exact = part.double().abs().pow(p).sum()
+        assert part.numel() > 100 and math.isfinite(exact.item()) and exact > 0
+        got = op([part.to(device)], p)
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got.double().cpu(), exact, atol=0, rtol=TOLERANCES[torch.float32][1])
