@@ -3,8 +3,11 @@
 //
 // Algorithm: bn_reduce_kernel cuts each channel into `splits` ranges (of units for planes, of rows
 // for rows; the walks of batch_norm.cuh) and writes per-(split, channel) partials: (count, mean, m2)
-// of x - shift, shift = the channel's first value, each vector's exact two-pass moments folded in
-// by Chan's merge; or (kGrad) sum(dy) and sum(dy * (x - mean)). Blocks reduce with a fixed tree in
+// of x - shift, shift = the channel's first value; or (kGrad) sum(dy) and sum(dy * (x - mean)).
+// A thread takes kUnroll units at a time and folds each channel's values among them (kUnroll * V
+// for planes, kUnroll per column for rows) into its moments by Chan's merge of their exact
+// two-pass moments: one merge, with its division, per kUnroll units instead of one per value or
+// unit, so a value costs a conversion, the shift and three flops. Blocks reduce with a fixed tree in
 // shared memory. bn_finalize_kernel (a warp per channel) merges the splits in index order through
 // a fixed shuffle tree, writes mean and invstd (or var), updates running_mean / running_var
 // (unbiased) in place, or grad_bias / grad_weight. The number of splits fills the GPU (resident
@@ -43,28 +46,46 @@ struct Moments {
   }
 };
 
-// Welford/Chan update of the per-slot moments (count n shared by the slots) with one unit of
-// shifted values: the unit's exact two-pass moments per slot, then Chan's merge.
-template <bool kRows, int V, typename acc>
-__device__ __forceinline__ void add_unit_moments(acc& n, acc* mean, acc* m2, const acc (&v)[V]) {
-  constexpr int kSlots = kRows ? V : 1;
-  constexpr int kPer = V / kSlots;
-  const acc n_new = n + acc(kPer);
-  const acc ratio = fast_div(acc(kPer), n_new);
+// Chan's merge of one block of kB shifted values per slot (kB a power of two, so 1 / kB is exact)
+// into the per-slot moments (count n shared by the slots): the block's exact two-pass moments per
+// slot (its sum, then the squared deviations from its mean), then one merge, whose division is
+// shared by the slots. vals[s][i]: value i of slot s's block.
+template <int kB, int kSlots, typename acc>
+__device__ __forceinline__ void merge_block(acc& n, acc (&mean)[kSlots], acc (&m2)[kSlots],
+                                            const acc (&vals)[kSlots][kB]) {
+  const acc n_new = n + acc(kB);
+  const acc ratio = fast_div(acc(kB), n_new);
+  const acc weight = n * ratio;  // n * kB / n_new
 #pragma unroll
   for (int s = 0; s < kSlots; ++s) {
     acc bm = 0;
 #pragma unroll
-    for (int i = 0; i < kPer; ++i) bm += v[s * kPer + i];
-    bm *= acc(1) / acc(kPer);  // a power of two: exact
+    for (int i = 0; i < kB; ++i) bm += vals[s][i];
+    bm *= acc(1) / acc(kB);
     acc bq = 0;
 #pragma unroll
-    for (int i = 0; i < kPer; ++i) bq += (v[s * kPer + i] - bm) * (v[s * kPer + i] - bm);
+    for (int i = 0; i < kB; ++i) bq += (vals[s][i] - bm) * (vals[s][i] - bm);
     const acc delta = bm - mean[s];
     mean[s] += delta * ratio;
-    m2[s] += bq + delta * delta * n * ratio;
+    m2[s] += bq + delta * delta * weight;
   }
   n = n_new;
+}
+
+// The values of kU units (xv[q][e], already shifted) as merge_block's per-slot blocks: rows have a
+// slot per value of a unit (a block of kU values each), planes one slot (a block of kU * V).
+template <bool kRows, int kU, int V, typename acc>
+__device__ __forceinline__ void merge_units(acc& n, acc (&mean)[kRows ? V : 1], acc (&m2)[kRows ? V : 1],
+                                            const acc (&xv)[kU][V]) {
+  constexpr int kSlots = kRows ? V : 1;
+  constexpr int kB = kU * V / kSlots;
+  acc vals[kSlots][kB];
+#pragma unroll
+  for (int q = 0; q < kU; ++q) {
+#pragma unroll
+    for (int e = 0; e < V; ++e) vals[slot_of<kRows>(e)][kRows ? q : q * V + e] = xv[q][e];
+  }
+  merge_block<kB>(n, mean, m2, vals);
 }
 
 template <typename acc>
@@ -103,32 +124,52 @@ bn_reduce_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ dy
       // meets the small deviations; the backward sums need the mean instead.
       ref[s] = !active ? acc(0) : kGrad ? mean[c0 + s] : static_cast<acc>(x[(c0 + s) * args.inner]);
     }
-    for (int64_t i = 0; i < walk.count; i += kUnroll) {
-      acc xv[kUnroll][V], gv[kGrad ? kUnroll : 1][V];
-      (void)gv;
+    if constexpr (kGrad) {
+      for (int64_t i = 0; i < walk.count; i += kUnroll) {
+        acc xv[kUnroll][V], gv[kUnroll][V];
 #pragma unroll
-      for (int q = 0; q < kUnroll; ++q) {
-        if (i + q < walk.count) {
-          load_unit<acc, V>(x, walk.offset(), xv[q]);
-          if constexpr (kGrad) load_unit<acc, V>(dy, walk.offset(), gv[q]);
-          walk.advance();
+        for (int q = 0; q < kUnroll; ++q) {
+          if (i + q < walk.count) {
+            load_unit<acc, V>(x, walk.offset(), xv[q]);
+            load_unit<acc, V>(dy, walk.offset(), gv[q]);
+            walk.advance();
+          }
         }
-      }
 #pragma unroll
-      for (int q = 0; q < kUnroll; ++q) {
-        if (i + q < walk.count) {
-          if constexpr (kGrad) {
+        for (int q = 0; q < kUnroll; ++q) {
+          if (i + q < walk.count) {
 #pragma unroll
             for (int e = 0; e < V; ++e) {
               first[slot_of<kRows>(e)] += gv[q][e];
               second[slot_of<kRows>(e)] += gv[q][e] * (xv[q][e] - ref[slot_of<kRows>(e)]);
             }
-          } else {
-#pragma unroll
-            for (int e = 0; e < V; ++e) xv[q][e] -= ref[slot_of<kRows>(e)];
-            add_unit_moments<kRows, V>(n, first, second, xv[q]);
           }
         }
+      }
+    } else {
+      // Whole blocks of kUnroll units, one merge each; then the last < kUnroll units one by one.
+      int64_t i = 0;
+      for (; i + kUnroll <= walk.count; i += kUnroll) {
+        acc xv[kUnroll][V];
+#pragma unroll
+        for (int q = 0; q < kUnroll; ++q) {
+          load_unit<acc, V>(x, walk.offset(), xv[q]);
+          walk.advance();
+        }
+#pragma unroll
+        for (int q = 0; q < kUnroll; ++q) {
+#pragma unroll
+          for (int e = 0; e < V; ++e) xv[q][e] -= ref[slot_of<kRows>(e)];
+        }
+        merge_units<kRows>(n, first, second, xv);
+      }
+      for (; i < walk.count; ++i) {
+        acc xv[1][V];
+        load_unit<acc, V>(x, walk.offset(), xv[0]);
+        walk.advance();
+#pragma unroll
+        for (int e = 0; e < V; ++e) xv[0][e] -= ref[slot_of<kRows>(e)];
+        merge_units<kRows>(n, first, second, xv);
       }
     }
     const int64_t out = split * C + c0;
