@@ -6,7 +6,8 @@ fusedreg_cuda = csrc/*.cu   (C++/CUDA: CUDA kernels + TORCH_LIBRARY_IMPL(fusedre
 Both are shared libraries without a Python module: loading one runs its static operator
 registrations (the schemas themselves live in fusedreg/_library.py). Nothing here runs at
 `import fusedreg`; a library is built the first time a backend needs it. The CUDA toolkit it is
-built with is found by fusedreg/_cuda_paths.py.
+built with is found by fusedreg/_cuda_paths.py; the compile itself (torch's ninja build) runs in
+fusedreg/_build_ninja.py.
 
 Robustness rules (each one answers a failure seen in practice with JIT extensions):
 - The cache directory is keyed by torch, CUDA and Python versions: an upgraded torch never loads a
@@ -14,14 +15,12 @@ Robustness rules (each one answers a failure seen in practice with JIT extension
 - A stamp file records a digest of every source, header and flag. A matching stamp means the
   library was built completely from these sources and is loaded directly; no stamp means the last
   build may have been killed midway, so its directory is wiped before building again.
-- Builders serialize on an flock()ed lock file. The kernel drops the lock when its holder dies, so
-  a killed build never blocks the next one; a live but stuck holder makes waiters give up after
-  FUSEDREG_BUILD_LOCK_TIMEOUT seconds with a message naming the lock file.
+- Builders serialize on an flock()ed lock file (_build_lock.py). The kernel drops the lock when its
+  holder dies, so a killed build never blocks the next one; a live but stuck holder makes waiters
+  give up after FUSEDREG_BUILD_LOCK_TIMEOUT seconds with a message naming the lock file.
 """
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import os
 import shutil
@@ -32,8 +31,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from ._build_log import first_error as _first_error
-from ._build_log import ninja_output_to as _stdout_to
+from ._build_lock import exclusive as _lock_exclusive
+from ._build_ninja import max_jobs as _max_jobs
+from ._build_ninja import run_build as _run_build
 from ._cuda_paths import cuda_home, nvcc_path, nvidia_wheel_include_shim, torch_cpp_extension
 
 __all__ = ["BuildError", "load_library", "library_status", "unbuildable_reason", "build_ahead",
@@ -192,102 +192,26 @@ def _stamp_matches(build_dir: Path, spec: _Spec) -> bool:
         return False
 
 
-# ----------------------------------------------------------------------------- lock
-
-@contextlib.contextmanager
-def _exclusive(lock_path: Path, what: str):
-    timeout = float(os.environ.get("FUSEDREG_BUILD_LOCK_TIMEOUT", "1800"))
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "a+") as f:
-        start = time.monotonic()
-        told = False
-        while True:
-            try:
-                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                waited = time.monotonic() - start
-                if waited > timeout:
-                    raise BuildError(
-                        f"gave up after {timeout:.0f} s waiting for another process building {what}; "
-                        f"it holds the lock file {lock_path}. If no such process is alive, delete "
-                        f"that file (or raise FUSEDREG_BUILD_LOCK_TIMEOUT)") from None
-                if not told and waited > 2:
-                    print(f"fusedreg: waiting for another process building {what} (lock {lock_path})",
-                          file=sys.stderr, flush=True)
-                    told = True
-                time.sleep(0.2)
-        try:
-            yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
-
-
 # ----------------------------------------------------------------------------- build
 
-def _compile(spec: _Spec, build_dir: Path, verbose: bool) -> Path:
-    """Run torch's ninja-based JIT build into build_dir and return the library path."""
-    cpp_extension = torch_cpp_extension()
+def _exclusive(lock_path: Path, what: str):
+    """The builders' lock (_build_lock.py); a timeout is a BuildError naming the lock file."""
+    return _lock_exclusive(lock_path, what, BuildError)
 
+
+def _compile(spec: _Spec, build_dir: Path, verbose: bool) -> Path:
+    """Run torch's ninja-based JIT build (_build_ninja.py) into build_dir; return the library path."""
     sources = _sources(spec)
     if not sources:
         raise BuildError(f"no {spec.suffix} sources in {csrc_dir()}")
-    flags = _flags(spec)
     include_paths = [str(csrc_dir())]
-    env_backup = {k: os.environ.get(k) for k in ("TORCH_CUDA_ARCH_LIST", "MAX_JOBS")}
-    torch_cuda_home = cpp_extension.CUDA_HOME
-    if spec.kind == "cuda":
-        cpp_extension.CUDA_HOME = cuda_home()  # torch reads this global for includes, nvcc, -lcudart
+    cuda = spec.kind == "cuda"
+    if cuda:
         shim = nvidia_wheel_include_shim(build_dir)
         if shim is not None:
             include_paths.append(str(shim))
-        os.environ["TORCH_CUDA_ARCH_LIST"] = cuda_arch_list()
-    os.environ["MAX_JOBS"] = str(_max_jobs())
-    # A lock file left by torch's own (older, existence-based) build lock would block forever; we
-    # hold our own lock here, so any such file is stale.
-    with contextlib.suppress(FileNotFoundError):
-        (build_dir / "lock").unlink()
-    log_path = build_dir / "build.log"
-    try:
-        with _stdout_to(log_path, echo_progress=verbose):
-            built = cpp_extension.load(
-                name=spec.name,
-                sources=[str(s) for s in sources],
-                extra_cflags=flags["cflags"],
-                extra_cuda_cflags=flags["cuda_cflags"] or None,
-                extra_ldflags=flags["ldflags"],
-                extra_include_paths=include_paths,
-                build_directory=str(build_dir),
-                with_cuda=spec.kind == "cuda",
-                is_python_module=False,
-                verbose=True,
-            )
-    except Exception as exc:  # ninja, compiler and loader failures all end here
-        with open(log_path, "a") as log:
-            log.write(f"\n{type(exc).__name__}: {exc}\n")
-        raise BuildError(f"building {spec.name} failed: {_first_error(log_path) or exc}", log_path) from exc
-    finally:
-        cpp_extension.CUDA_HOME = torch_cuda_home
-        for key, value in env_backup.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-    return Path(built)
-
-
-def _max_jobs() -> int:
-    """Parallel compile jobs: MAX_JOBS if set, else one per core, but no more than memory allows
-    (an nvcc job of a torch extension can take ~2 GiB)."""
-    env = os.environ.get("MAX_JOBS")
-    if env and env.isdigit():
-        return max(1, int(env))
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    try:
-        mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    except (ValueError, OSError):
-        mem_gib = 8.0
-    return max(1, min(cores, int(mem_gib // 2)))
+    return _run_build(spec.name, sources, _flags(spec), include_paths, build_dir, verbose, BuildError,
+                      cuda_home() if cuda else None, cuda_arch_list() if cuda else None)
 
 
 def _estimate(spec: _Spec) -> str:
