@@ -45,6 +45,28 @@ __device__ void write_eval_stats(const CoefArgs<acc>& p, int64_t C) {
   }
 }
 
+// One unit at element offset off: loads what kPass reads (x unless kBackwardEval, dy unless
+// kForward), applies coef(e)'s coefficients to value e, stores the unit (kStoreV4: one explicit
+// st.global.v4, see store_unit_v4).
+template <Pass kPass, int V, bool kStoreV4, typename scalar_t, typename CoefOf>
+__device__ __forceinline__ void elemt_unit(const scalar_t* __restrict__ x, const scalar_t* __restrict__ dy,
+                                           scalar_t* __restrict__ out, int64_t off, CoefOf coef) {
+  using acc = acc_t<scalar_t>;
+  acc xv[V], gv[V], y[V];
+  if constexpr (kPass != Pass::kBackwardEval) load_unit<acc, V>(x, off, xv);
+  if constexpr (kPass != Pass::kForward) load_unit<acc, V>(dy, off, gv);
+#pragma unroll
+  for (int e = 0; e < V; ++e) {
+    y[e] = apply<kPass>(coef(e), kPass != Pass::kBackwardEval ? xv[e] : acc(0),
+                        kPass != Pass::kForward ? gv[e] : acc(0));
+  }
+  if constexpr (kStoreV4) {
+    store_unit_v4<acc, V>(out, off, y);
+  } else {
+    store_unit<acc, V>(out, off, y);
+  }
+}
+
 struct PlanesElemtArgs {
   int64_t units, upp, C;  // units in the tensor, per plane; channels
   int64_t step_j, step_c;  // a grid-stride step (in units) as (unit-in-plane, channel) advance
@@ -72,15 +94,7 @@ bn_elemt_planes_kernel(const scalar_t* __restrict__ x, const scalar_t* __restric
       k = load_coefs<kPass>(co, c);
       loaded = c;
     }
-    acc xv[V], gv[V], y[V];
-    if constexpr (kPass != Pass::kBackwardEval) load_unit<acc, V>(x, u * V, xv);
-    if constexpr (kPass != Pass::kForward) load_unit<acc, V>(dy, u * V, gv);
-#pragma unroll
-    for (int e = 0; e < V; ++e) {
-      y[e] = apply<kPass>(k, kPass != Pass::kBackwardEval ? xv[e] : acc(0),
-                          kPass != Pass::kForward ? gv[e] : acc(0));
-    }
-    store_unit<acc, V>(out, u * V, y);
+    elemt_unit<kPass, V, false>(x, dy, out, u * V, [&](int) -> const Coefs<acc>& { return k; });
     j += args.step_j;
     c += args.step_c;
     if (j >= args.upp) {
@@ -112,16 +126,7 @@ bn_elemt_rows_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict_
   for (int e = 0; e < V; ++e) k[e] = load_coefs<kPass>(co, c0 + e);
   const int64_t step = static_cast<int64_t>(gridDim.y) * by;
   for (int64_t r = static_cast<int64_t>(blockIdx.y) * by + threadIdx.x / bx; r < args.rows; r += step) {
-    const int64_t off = r * args.C + c0;
-    acc xv[V], gv[V], y[V];
-    if constexpr (kPass != Pass::kBackwardEval) load_unit<acc, V>(x, off, xv);
-    if constexpr (kPass != Pass::kForward) load_unit<acc, V>(dy, off, gv);
-#pragma unroll
-    for (int e = 0; e < V; ++e) {
-      y[e] = apply<kPass>(k[e], kPass != Pass::kBackwardEval ? xv[e] : acc(0),
-                          kPass != Pass::kForward ? gv[e] : acc(0));
-    }
-    store_unit_v4<acc, V>(out, off, y);
+    elemt_unit<kPass, V, true>(x, dy, out, r * args.C + c0, [&](int e) -> const Coefs<acc>& { return k[e]; });
   }
 }
 
