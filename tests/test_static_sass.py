@@ -95,13 +95,24 @@ def test_budget_and_names():
     adamw = S.classify("void fusedreg::(anonymous namespace)::adamw_kernel<4, c10::BFloat16, float>("
                        "fusedreg::MultiTensorTable<4>)", enums)
     assert (adamw.dtype, adamw.reads, adamw.writes) == ("bfloat16 (float32 states)", 12, 10)
+    # dropout_fwd_kernel<scalar_t, kAdd, kFast, kVec>: fast, peeled-head vector, scalar fallback
+    dropout = "void fusedreg::(anonymous namespace)::dropout_fwd_kernel<c10::Half, {}>(c10::Half const*)"
+    fast = S.classify(dropout.format("true, true, true"), enums)
+    peeled = S.classify(dropout.format("true, false, true"), enums)
+    assert (fast.op, fast.variant, fast.reads, fast.writes) == ("dropout_add +bias", "dropout_add, no bias", 4, 2)
+    assert (peeled.op, peeled.variant) == ("dropout_add +bias, peeled head", "dropout_add, no bias, peeled head")
+    assert "no Philox" in peeled.others and S.classify(dropout.format("false, false, true"), enums).op == (
+        "dropout (fwd = bwd), peeled head")
+    assert S.classify(dropout.format("false, false, false"), enums) is False
 
 
 # ----------------------------------------------------------------------------- the real kernels
 
 DTYPES = ("float32", "bfloat16", "float16")
 HOT = [(op, dt) for dt in DTYPES for op in (
-    "dropout (fwd = bwd)", "dropout_add +bias", "dropout_add, no bias", "adamw", "adamw amsgrad",
+    "dropout (fwd = bwd)", "dropout_add +bias", "dropout_add, no bias",
+    "dropout (fwd = bwd), peeled head", "dropout_add +bias, peeled head", "dropout_add, no bias, peeled head",
+    "adamw", "adamw amsgrad",
     "clip norm L2", "clip norm L1", "clip norm Inf", "clip norm P", "clip scale",
     "bn on-chip fwd, planes", "bn on-chip fwd, rows", "bn on-chip bwd, planes", "bn on-chip bwd, rows",
     "bn fwd stats (split), planes", "bn fwd stats (split), rows",
@@ -112,11 +123,11 @@ HOT = [(op, dt) for dt in DTYPES for op in (
 
 BUDGET_FRACTION = 0.70
 # Known today; a strict xfail fails once the kernel improves, so the list must shrink with it.
-OVER_BUDGET = {("clip norm P", dt) for dt in DTYPES}  # a pow per element
-ABOVE_FRACTION = OVER_BUDGET | {
-    ("clip norm Inf", "bfloat16"), ("bn fwd stats (split), planes", "bfloat16"),
-    ("bn fwd stats (split), planes", "float16"), ("bn fwd stats (split), rows", "bfloat16"),
-    ("bn fwd stats (split), rows", "float16")}
+OVER_BUDGET: set = set()
+# Dropout's kernel for operands at a shared offset from a 16-byte boundary: a chunk of 8 straddles
+# 3 Philox groups instead of 2 (and a bias takes a per-element cursor).
+ABOVE_FRACTION = OVER_BUDGET | {(f"{op}, peeled head", dt) for op in ("dropout (fwd = bwd)", "dropout_add +bias")
+                                for dt in ("bfloat16", "float16")}
 # Hot loops whose 128-bit accesses move less than the floor (partly 32-bit stores): none today.
 NOT_FULLY_VECTORISED: set = set()
 

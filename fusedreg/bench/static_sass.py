@@ -19,9 +19,12 @@ How sass_cfg.py finds the steady state (generically, so the kernels may change u
   access (LDG, STG, LDS/STS) gives 16 x count / (bytes per element the op moves that way: reads,
   writes, or the on-chip cache). The largest is the iteration's elements; a kind that implies
   fewer is only partly vectorised ("part"). Unrolling by the compiler changes nothing.
-- Loops with the same kinds are alternatives (remainder loops, runtime-chosen variants): the one
-  with the most elements per iteration counts, ties to the dearer. Loops of different kinds are
-  successive passes over the same elements (on-chip BatchNorm): their instr/elem add up.
+- Loops with the same kinds are alternatives (remainder loops, runtime-chosen variants such as
+  dropout's p = 0 and p = 1 loops, which run no Philox): the one with the most elements per
+  iteration counts, ties to the dearer. Loops of different kinds are successive passes over the
+  same elements (on-chip BatchNorm): their instr/elem add up. Dropout's vector kernel for operands
+  that share an offset from a 16-byte boundary ("peeled head": the elements before the boundary
+  are edges, one per thread, and a chunk may straddle one more Philox group) is listed on its own.
 - Check: the global bytes the counted loops move with 128-bit accesses per element must equal the
   op's floor (reads + writes); a mismatch means a scalar access on the hot path.
 
@@ -61,6 +64,7 @@ class Kernel:
     writes: int = 0   # ... and written
     cached: int = 0   # shared-memory bytes per element (on-chip paths)
     variant: str | None = None  # the row name of the path without side loads
+    others: str = "alternative loop"  # what the kernel's cheaper loops of the same kind are
 
     @property
     def floor(self) -> int | None:
@@ -106,7 +110,8 @@ def template(demangled: str, enums: dict | None = None) -> tuple[str, list[str]]
 
 def classify(demangled: str, enums: dict | None = None) -> Kernel | bool | None:
     """The op a kernel instantiation implements and the bytes it must move per element; False for
-    a fallback instantiation (misaligned, V = 1: no 128-bit path to budget); None when unknown."""
+    a fallback instantiation (misaligned operands, element-wise: no 128-bit path to budget); None
+    when unknown."""
     try:
         return _classify(*template(demangled, enums), enums)
     except (IndexError, KeyError):  # template arguments changed: unknown until taught here
@@ -121,12 +126,18 @@ def _classify(name: str, args: list[str], enums: dict | None) -> Kernel | bool |
     vec = len(args) > 1 and args[1] == str(16 // e)  # BatchNorm's V: the 16-byte instantiation
     layout = "rows" if "rows" in name or (len(args) > 2 and args[2] == "true") else "planes"
     flag = [a == "true" for a in args]
-    if name == "dropout_fwd_kernel":
-        if not flag[2]:
-            return False
+    if name == "dropout_fwd_kernel":  # <scalar_t, kAdd, kFast, kVec>
+        if not flag[3]:
+            return False  # the scalar kernel: operands at different offsets within 16 bytes
+        # The vector kernel takes operands that share an offset from a 16-byte boundary: the head
+        # before it is peeled off as edge elements, and its chunks straddle one Philox group more.
+        peeled = "" if flag[2] else ", peeled head"
+        # Its other loops are the RNG modes': p = 0 (keep all) and p = 1 (drop all) run no Philox.
+        rng_free = "p = 0 or p = 1 loop, no Philox"
         if flag[1]:
-            return Kernel("dropout_add +bias", dt, 2 * e, e, variant="dropout_add, no bias")
-        return Kernel("dropout (fwd = bwd)", dt, e, e)
+            return Kernel(f"dropout_add +bias{peeled}", dt, 2 * e, e, variant=f"dropout_add, no bias{peeled}",
+                          others=rng_free)
+        return Kernel(f"dropout (fwd = bwd){peeled}", dt, e, e, others=rng_free)
     if name == "adamw_kernel":
         es, ams = _ELEM[types[1]], args[0] == "5"
         states = "" if types[1] == types[0] else f" ({_DTYPE[types[1]]} states)"
@@ -231,7 +242,7 @@ def _passes(loops: list[Loop], kernel: Kernel) -> tuple[list, list[str]]:
     for group in groups.values():
         best = max(group, key=lambda t: (t[1], t[0].instrs / t[1]))
         chosen.append(best)
-        notes += [f"also {lp.instrs}/{elems} (alternative loop)" for lp, elems, _ in group
+        notes += [f"also {lp.instrs}/{elems} ({kernel.others})" for lp, elems, _ in group
                   if lp is not best[0] and elems == best[1]]  # remainder loops (fewer elements) unsaid
     return sorted(chosen, key=lambda t: t[0].header_addr), notes
 
@@ -347,8 +358,9 @@ def format_table(doc: dict) -> str:
              "| " + " | ".join(title for _, title in _COLUMNS) + " |", "|" + "---|" * len(_COLUMNS)]
     lines += ["| " + " | ".join(_cell(row.get(key)) for key, _ in _COLUMNS) + " |" for row in doc["rows"]]
     lines.append(f"\nloop instrs / elems/iter: one entry per pass (summed into instr/elem). "
-                 f"{doc['fallback_instantiations']} fallback instantiations (misaligned pointers, V = 1) "
-                 f"have no 128-bit path and are not listed.")
+                 f"{doc['fallback_instantiations']} fallback instantiations (misaligned operands, element-wise: "
+                 f"BatchNorm's V = 1 kernels, dropout's scalar kernel) have no 128-bit path and are not "
+                 f"listed.")
     if doc["unclassified"]:
         lines.append("UNCLASSIFIED kernels (teach classify() about them): " + "; ".join(doc["unclassified"]))
     return "\n".join(lines)
