@@ -24,6 +24,16 @@ SHAPES = [(7, 13), (13,), (3, 5, 7), (0, 3), (), (1,), (67,)]
 HALF_ULP = {torch.float64: 2.0**-53, torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
 
 
+def _loaded_op(name, backend):
+    """The kernel op of `backend`, its library loaded (or its Triton module imported) first."""
+    if backend == "triton":
+        import fusedreg.triton.clip  # noqa: F401  registers the *_triton ops
+    else:
+        from fusedreg import _build
+        _build.load_library(backend)
+    return _library.op(name, backend)
+
+
 def _grads(device, dtype, shapes=SHAPES, seed=0, scale=1.0):
     gen = torch.Generator().manual_seed(seed)
     return [(torch.randn(s, generator=gen, dtype=torch.float64) * scale).to(device, dtype) for s in shapes]
@@ -99,7 +109,7 @@ def test_norm_accumulates_in_float32(device, backend, dtype, norm_type):
 def test_kernels_match_reference_and_are_deterministic(device, backend, dtype, norm_type):
     tensors = _grads(device, dtype, seed=2, shapes=SHAPES + [(5, 7)])
     tensors[-1] = tensors[-1].t()  # not contiguous, still dense
-    op = _library.op("grad_norm_pow", backend)
+    op = _loaded_op("grad_norm_pow", backend)
     ours = op(tensors, norm_type)
     expected = reference.grad_norm_pow(tensors, norm_type)
     assert ours.dtype == expected.dtype and ours.shape == () and ours.device == tensors[0].device
@@ -108,7 +118,7 @@ def test_kernels_match_reference_and_are_deterministic(device, backend, dtype, n
     assert torch.equal(op(tensors, norm_type), ours)  # bitwise, run to run
 
     scaled = [t.clone() for t in tensors]
-    _library.op("multi_tensor_scale_", backend)(scaled, torch.tensor(0.37, device=device))
+    _loaded_op("multi_tensor_scale_", backend)(scaled, torch.tensor(0.37, device=device))
     expected = [t.clone() for t in tensors]
     reference.multi_tensor_scale_(expected, torch.tensor(0.37, device=device))
     for s, e in zip(scaled, expected):
@@ -121,10 +131,10 @@ def test_non_dense_tensors(device, backend):
     strided = base[0][:, ::2]                                    # not dense: read via a copy
     channels_last = base[1].to(memory_format=torch.channels_last)  # dense, permuted
     tensors = [strided, channels_last]
-    ours = _library.op("grad_norm_pow", backend)(tensors, 2.0)
+    ours = _loaded_op("grad_norm_pow", backend)(tensors, 2.0)
     torch.testing.assert_close(ours, reference.grad_norm_pow(tensors, 2.0), atol=0, rtol=1e-5)
     expected = [(t * 0.25) for t in tensors]
-    _library.op("multi_tensor_scale_", backend)(tensors, torch.tensor(0.25, device=device))
+    _loaded_op("multi_tensor_scale_", backend)(tensors, torch.tensor(0.25, device=device))
     assert torch.equal(base[0][:, ::2], expected[0]) and torch.equal(base[0][:, 1::2], _grads(device, 
         torch.float32, shapes=[(9, 14)], seed=3)[0][:, 1::2])  # the rest of the base untouched
     assert channels_last.is_contiguous(memory_format=torch.channels_last)
@@ -554,16 +564,6 @@ def test_gpu_python_float_norm_no_sync_and_capturable(backend):
 
 
 # ----------------------------------------------------------------------------- general p: |x|^p
-
-def _loaded_op(name, backend):
-    """The kernel op of `backend`, its library loaded (or its Triton module imported) first."""
-    if backend == "triton":
-        import fusedreg.triton.clip  # noqa: F401  registers the *_triton ops
-    else:
-        from fusedreg import _build
-        _build.load_library(backend)
-    return _library.op(name, backend)
-
 
 @pytest.mark.parametrize("p", [3.0, 0.5, 1.5, math.inf])
 @pytest.mark.parametrize("dtype", DTYPES)
