@@ -214,6 +214,40 @@ def mixed_dtensor_and_plain_parameters(rank, world_size, out_dir, device="cpu"):
             for a, b in zip(got, theirs):
                 torch.testing.assert_close(_full(a), _full(b), **TOL)
 
+    # process_group= still adds up plain tensors sharded by hand (a different piece on every
+    # process), while a DTensor among them reduces over its mesh
+    pieces = [torch.randn(3 + r, generator=gen).to(device) for r in range(world_size)]
+    every = torch.cat([weight.reshape(-1)] + pieces).double()
+    for norm_type in (2.0, math.inf):
+        norm = fusedreg.get_total_norm([distribute_tensor(weight, mesh, [Shard(0)]), pieces[rank]], norm_type,
+                                       process_group=dist.group.WORLD)
+        _assert_norm(norm, torch.linalg.vector_norm(every, norm_type))
+
+
+def misuse_raises_clear_errors(rank, world_size, out_dir, device="cpu"):
+    """A DTensor parameter with a plain gradient, or with plain moments (a full optimizer state
+    dict loaded into a sharded optimizer by hand): an error naming the remedy, not a wrong step."""
+    mesh = init_device_mesh(device, (world_size,))
+    weight = torch.randn(4, 3).to(device)
+    p = nn.Parameter(distribute_tensor(weight, mesh, [Shard(0)]))
+    p.grad = torch.ones(4, 3, device=device)
+    opt = fusedreg.optim.AdamW([p])
+    try:
+        opt.step()
+    except RuntimeError as error:
+        assert "plain-tensor gradient" in str(error), error
+    else:
+        raise AssertionError("a plain gradient of a DTensor parameter was accepted")
+    p.grad = distribute_tensor(torch.ones(4, 3, device=device), mesh, [Shard(0)])
+    opt.step()
+    opt.state[p]["exp_avg"] = torch.zeros(4, 3, device=device)
+    try:
+        opt.step()
+    except RuntimeError as error:
+        assert "set_optimizer_state_dict" in str(error), error
+    else:
+        raise AssertionError("a plain exp_avg of a DTensor parameter was accepted")
+
 
 def partial_gradients(rank, world_size, out_dir, device="cpu"):
     """Gradients whose placement is Partial (addends on every process): the norm is the norm of the
@@ -366,6 +400,7 @@ CHECKS = {
     "fsdp_x_tp_follows_torch": (fsdp_x_tp_follows_torch, (4,)),
     "mixed_dtensor_and_plain_parameters": (mixed_dtensor_and_plain_parameters, (2, 4)),
     "partial_gradients": (partial_gradients, (2,)),
+    "misuse_raises_clear_errors": (misuse_raises_clear_errors, (2,)),
     "one_all_reduce_per_sharding_group": (one_all_reduce_per_sharding_group, (2, 4)),
     "checkpoint_resumes_and_loads_into_torch": (checkpoint_resumes_and_loads_into_torch, (2, 4)),
     "sync_batch_norm_under_fsdp2_and_ddp": (sync_batch_norm_under_fsdp2_and_ddp, (2,)),
