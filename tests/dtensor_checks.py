@@ -195,9 +195,10 @@ def mixed_dtensor_and_plain_parameters(rank, world_size, out_dir, device="cpu"):
         return [nn.Parameter(distribute_tensor(weight, mesh, [Shard(0)])), nn.Parameter(bias.clone())]
 
     ours, fused, theirs = params(), params(), params()
-    opt_ours = fusedreg.optim.AdamW(ours, lr=LR, weight_decay=WEIGHT_DECAY)
-    opt_fused = fusedreg.optim.AdamW(fused, lr=LR, weight_decay=WEIGHT_DECAY, max_grad_norm=MAX_NORM)
-    opt_theirs = torch.optim.AdamW(theirs, lr=LR, weight_decay=WEIGHT_DECAY)
+    hyper = dict(lr=LR, weight_decay=WEIGHT_DECAY, amsgrad=True)  # a third moment, a DTensor too
+    opt_ours = fusedreg.optim.AdamW(ours, **hyper)
+    opt_fused = fusedreg.optim.AdamW(fused, **hyper, max_grad_norm=MAX_NORM)
+    opt_theirs = torch.optim.AdamW(theirs, **hyper)
     for step in range(STEPS):
         gw, gb = torch.randn(6, 3, generator=gen).to(device), torch.randn(5, generator=gen).to(device)
         exact = torch.linalg.vector_norm(torch.cat([gw.double().reshape(-1), gb.double()]))
@@ -213,6 +214,8 @@ def mixed_dtensor_and_plain_parameters(rank, world_size, out_dir, device="cpu"):
         for got in (ours, fused):
             for a, b in zip(got, theirs):
                 torch.testing.assert_close(_full(a), _full(b), **TOL)
+    max_exp_avg_sq = opt_ours.state[ours[0]]["max_exp_avg_sq"]
+    assert isinstance(max_exp_avg_sq, DTensor) and max_exp_avg_sq.placements == (Shard(0),)
 
     # process_group= still adds up plain tensors sharded by hand (a different piece on every
     # process), while a DTensor among them reduces over its mesh

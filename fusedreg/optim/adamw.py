@@ -31,6 +31,9 @@ Choices and their trade-offs:
   through a dense copy that is copied back; gradients or moments laid out unlike their parameter
   are brought into its layout first. Zero-size parameters count steps but are not sent to the kernel.
 - Complex parameters are stepped as real views, as torch does.
+- DTensor parameters (FSDP2, tensor parallel) are stepped through their local shards, in the same
+  buckets as plain ones; their moments are DTensors placed like them, and max_grad_norm's norm
+  costs one all-reduce per sharding group (fusedreg/_dtensor.py).
 """
 from __future__ import annotations
 

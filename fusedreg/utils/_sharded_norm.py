@@ -13,14 +13,16 @@ tensors or not: one all-reduce per sharding group, nothing gathered.
 
 Which dims a group reduces over, and why Replicate dims are left out and Partial ones summed first:
 fusedreg/_dtensor.py. Every process of a mesh computes the same total, so the clip coefficient
-applied to the local shards is the same everywhere. The collectives run in the order the groups
-first appear in the tensor list, which is the same on every process (the same parameters, in the
-same order), as collectives need.
+applied to the local shards is the same everywhere. The groups' collectives run in one order on
+every process, as collectives must: sorted by mesh shape, ranks and dims (_dtensor.group_order),
+then by first appearance; every process of a mesh must call with the same parameters.
 
-Cost against torch (2.11-2.14), whose clip_grad_norm_ reduces a Partial norm DTensor per
-redistribute: FSDP2 alone, one all-reduce of one scalar for all parameters either way; FSDP x TP,
-here one per group (weights sharded over both dims, replicated-over-TP biases: two), where torch
-issues one per mesh dim. Scratch: one scalar per group.
+Cost: one scalar all-reduce per group (FSDP2 alone: one for every parameter; FSDP x TP with
+column- and row-parallel layers: two, the weights sharded over both mesh dims and the row-parallel
+biases over the FSDP dim only), where torch's clip_grad_norm_ redistributes its Partial norm DTensor
+with one all-reduce per mesh dim. Scratch: one scalar per group. The returned norm is already
+reduced: torch's inf norm comes back Partial(max), and raises on an empty local shard (FSDP2 with
+more processes than rows), where an empty shard here contributes nothing.
 """
 from __future__ import annotations
 

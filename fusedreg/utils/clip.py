@@ -9,6 +9,9 @@ without a host sync.
     clip_grads_with_norm_        coef = clamp(max_norm / (total_norm + 1e-6), max=1) on the device,
                                  then one fusedreg::multi_tensor_scale_ per group.
     clip_grad_norm_              both; the coefficient comes from the float32 norm.
+    DTensor gradients            (FSDP2, tensor parallel) the same kernels on each local shard, then
+                                 one all-reduce per sharding group instead of over `process_group`
+                                 (_sharded_norm.py); clipping scales the local shards in place.
 
 Nothing here reads a value back to the host except error_if_nonfinite=True, which has to.
 
@@ -279,7 +282,10 @@ def get_total_norm(tensors: _TensorOrTensors, norm_type: float | str = 2.0, erro
     tensors) or `norm_dtype`; tensor(0.) on the CPU when there are no tensors. With
     `process_group`, every process's p-th power sum is all-reduced first, so each process gets the
     norm of the gradients of all processes (every process of the group must call it, with or
-    without tensors). Raises RuntimeError if error_if_nonfinite and the norm is nan or inf (the
+    without tensors). DTensors (FSDP2, tensor parallel) count as the global tensors they are, at the
+    cost of one all-reduce per sharding group (process_group= then applies to the plain tensors
+    only); when all tensors are DTensors on one mesh the norm is a DTensor replicated over it, as
+    torch returns one. Raises RuntimeError if error_if_nonfinite and the norm is nan or inf (the
     only case that waits for the device). `foreach` is ignored.
     """
     tensors = [tensors] if isinstance(tensors, torch.Tensor) else list(tensors)
@@ -292,7 +298,9 @@ def clip_grads_with_norm_(parameters: _TensorOrTensors, max_norm: float, total_n
                           foreach: bool | None = None, *, backend: str | None = None) -> None:
     """Scales every gradient by clamp(max_norm / (total_norm + 1e-6), max=1) in place
     (torch.nn.utils.clip_grads_with_norm_): the coefficient in total_norm's dtype on its device,
-    the product in float32 (float64 for float64 gradients) rounded once. `foreach` is ignored."""
+    the product in float32 (float64 for float64 gradients) rounded once; DTensor gradients shard
+    by shard (a DTensor total_norm is read with full_tensor(): no collective once replicated).
+    `foreach` is ignored."""
     if isinstance(parameters, torch.Tensor):
         parameters = [parameters]
     grads = [_dtensor.local(p.grad) for p in parameters if p.grad is not None]
