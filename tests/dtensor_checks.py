@@ -329,7 +329,7 @@ def _load(model, opt, checkpoint):
 def checkpoint_resumes_and_loads_into_torch(rank, world_size, out_dir, device="cpu"):
     """A sharded fusedreg AdamW(max_grad_norm) saved through torch.distributed.checkpoint after two
     steps resumes exactly in a fresh fusedreg run, and within float32 rounding in a fresh
-    torch.optim.AdamW (+ torch's clip_grad_norm_) run."""
+    torch.optim.AdamW (+ torch's clip_grad_norm_) run; torch's checkpoint resumes in fusedreg."""
     checkpoint = os.path.join(out_dir, "checkpoint")
     hyper = dict(lr=LR, weight_decay=WEIGHT_DECAY)
     model = _fully_shard(_mlp(device))
@@ -353,6 +353,24 @@ def checkpoint_resumes_and_loads_into_torch(rank, world_size, out_dir, device="c
     _load(theirs, theirs_opt, checkpoint)
     _train(theirs, theirs_opt, range(2, 4), rank, device, torch_clip=True)
     _assert_params_close(theirs, model, "torch.optim.AdamW resumed:")
+
+    # and the other way: torch.optim.AdamW's sharded checkpoint resumed by fusedreg
+    checkpoint = os.path.join(out_dir, "checkpoint-torch")
+    source = _fully_shard(_mlp(device))
+    source_opt = torch.optim.AdamW(source.parameters(), **hyper)
+    _train(source, source_opt, range(2), rank, device, torch_clip=True)
+    model_sd, optim_sd = get_state_dict(source, source_opt)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=checkpoint)
+    _train(source, source_opt, range(2, 4), rank, device, torch_clip=True)
+    ours = _fully_shard(_mlp(device, seed=1))
+    ours_opt = fusedreg.optim.AdamW(ours.parameters(), **hyper, max_grad_norm=MAX_NORM)
+    _load(ours, ours_opt, checkpoint)
+    for p in ours.parameters():
+        state = ours_opt.state[p]
+        assert isinstance(state["exp_avg_sq"], DTensor) and state["exp_avg_sq"].placements == p.placements
+        assert state["step"].dtype == torch.float32 and float(state["step"]) == 2.0
+    _train(ours, ours_opt, range(2, 4), rank, device)
+    _assert_params_close(ours, source, "fusedreg resumed from torch.optim.AdamW:")
 
 
 def _bn_mlp(device, norm):

@@ -1,12 +1,13 @@
 """fusedreg on DTensor parameters (FSDP2's fully_shard, tensor parallelism): 2 and 4 gloo processes
 on the CPU, each a twin of torch's clip_grad_norm_ + torch.optim.AdamW on the same sharded model.
 
-One group of forked processes per world size runs every check (starting processes costs more than
-the checks); each check records its outcome and the tests below report them one by one. The checks
+One group of processes per world size runs every check (starting processes costs more than the
+checks); each check records its outcome and the tests below report them one by one. The checks
 live in dtensor_checks.py.
 """
 import datetime
 import json
+import multiprocessing
 import os
 import traceback
 
@@ -20,7 +21,7 @@ from fusedreg import _build
 
 
 def _worker(rank, world_size, init_file, out_dir, backend):
-    torch.set_num_threads(1)  # forked from a process that may have run OpenMP regions
+    torch.set_num_threads(1)  # 2 or 4 processes share the machine's cores
     dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=world_size,
                             timeout=datetime.timedelta(seconds=60))
     outcomes = {}
@@ -33,19 +34,23 @@ def _worker(rank, world_size, init_file, out_dir, backend):
                 outcomes[name] = None
             except Exception:  # recorded, reported by the test of that name
                 outcomes[name] = traceback.format_exc()
+            # after every check: a process that dies later (and takes the others down) loses nothing
+            with open(os.path.join(out_dir, f"outcomes-{rank}.json"), "w") as f:
+                json.dump(outcomes, f)
             dist.barrier()
     finally:
-        with open(os.path.join(out_dir, f"outcomes-{rank}.json"), "w") as f:
-            json.dump(outcomes, f)
         dist.destroy_process_group()
 
 
 def _run(world_size, out_dir):
     _build.load_library("cpu")  # build here, if needed, rather than in every worker at once
-    # fork, not spawn: a spawned child re-imports torch (seconds each, on every process)
+    # Not fork: once this process has run a compiled backward (other test files do), autograd in a
+    # forked child refuses to run. A fork server imports torch and the checks once, in a fresh
+    # process, and forks the workers from there (spawn would import torch in every worker).
+    multiprocessing.get_context("forkserver").set_forkserver_preload(["dtensor_checks"])
     try:
         mp.start_processes(_worker, args=(world_size, str(out_dir / "init"), str(out_dir), "gloo"),
-                           nprocs=world_size, join=True, start_method="fork")
+                           nprocs=world_size, join=True, start_method="forkserver")
     except Exception:  # a process died (a check left the others waiting in a collective): its outcomes stand
         crash = traceback.format_exc()
     else:
@@ -53,10 +58,11 @@ def _run(world_size, out_dir):
     outcomes = []
     for rank in range(world_size):
         path = out_dir / f"outcomes-{rank}.json"
-        outcomes.append(json.loads(path.read_text()) if path.exists() else {})
-        for name, outcome in outcomes[-1].items():
-            if outcome is not None and crash is not None:
-                outcomes[-1][name] = f"{outcome}\nand then:\n{crash}"
+        ranks = json.loads(path.read_text()) if path.exists() else {}
+        if crash is not None:  # every check that failed or did not run gets the crash attached
+            ranks = {name: None if ranks.get(name, "") is None else f"{ranks.get(name, 'did not run')}\n{crash}"
+                     for name in dtensor_checks.CHECKS}
+        outcomes.append(ranks)
     return outcomes
 
 
