@@ -19,9 +19,10 @@ The kernels take plain tensors, so a DTensor is always handled through its local
   Nothing is ever gathered: the scratch is one scalar per group. Parameters are never Partial;
   AdamW brings a gradient whose placements differ from its parameter's to the parameter's first.
 
-A process group spanning several mesh dimensions (FSDP x TP weights: both) is made once per set of
-ranks and cached: new_group(use_local_synchronization=True) needs only its own members to take part,
-so it is safe to create lazily, from whichever sharding group first asks for it.
+A process group spanning several (not all) mesh dimensions is made once per (mesh, dims) and cached:
+new_group(use_local_synchronization=True) needs only its own members to take part, so it is safe to
+create lazily, when a sharding group first needs it. One dimension uses the mesh's own group, all
+of a mesh spanning every process the default group.
 """
 from __future__ import annotations
 
@@ -82,7 +83,11 @@ def group_order(key: tuple) -> tuple:
     order in which groups first appear in a list of local shards need not be (AdamW lists an empty
     local shard apart from the ones it steps)."""
     mesh, dims = key
-    return tuple(mesh.mesh.shape), mesh.mesh.reshape(-1).tolist(), dims
+    layout = _MESH_LAYOUTS.get(mesh)
+    if layout is None:  # DeviceMesh.mesh builds a tensor on every access: once per mesh
+        ranks = mesh.mesh
+        layout = _MESH_LAYOUTS[mesh] = (tuple(ranks.shape), tuple(ranks.reshape(-1).tolist()))
+    return layout + (dims,)
 
 
 def wrap_like(value: torch.Tensor, mesh) -> torch.Tensor:
@@ -94,28 +99,33 @@ def wrap_like(value: torch.Tensor, mesh) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------- process groups
 
-# ranks -> (the default group it was made under, the group): a group outlives no re-initialisation
-_REDUCTION_GROUPS: dict[tuple[int, ...], tuple] = {}
+# mesh -> (shape, ranks); equal meshes (DeviceMesh.__eq__: same ranks, shape, names) share an entry
+_MESH_LAYOUTS: dict = {}
+# (mesh, dims) -> (the default group it was found under, the group): none outlives a re-initialisation
+_REDUCTION_GROUPS: dict[tuple, tuple] = {}
 
 
 def reduction_group(mesh, dims: tuple[int, ...]):
     """The process group of this process's ranks along mesh dimensions `dims` (the others fixed at
     this process's coordinate): the mesh's own group for one dimension, the default group when it
-    spans every process, else a group made once per set of ranks and cached."""
+    spans every process, else a group made once per (mesh, dims) and cached."""
     import torch.distributed as dist
 
     if len(dims) == 1:
         return mesh.get_group(dims[0])
+    world = dist.group.WORLD
+    cached = _REDUCTION_GROUPS.get((mesh, dims))
+    if cached is not None and cached[0] is world:
+        return cached[1]
     coordinate = mesh.get_coordinate()
     index = tuple(slice(None) if d in dims else c for d, c in enumerate(coordinate))
-    ranks = tuple(sorted(mesh.mesh[index].reshape(-1).tolist()))
-    world = dist.group.WORLD
-    if ranks == tuple(range(dist.get_world_size())):
-        return world
-    cached = _REDUCTION_GROUPS.get(ranks)
-    if cached is None or cached[0] is not world:
-        cached = _REDUCTION_GROUPS[ranks] = (world, dist.new_group(list(ranks), use_local_synchronization=True))
-    return cached[1]
+    ranks = sorted(mesh.mesh[index].reshape(-1).tolist())
+    if ranks == list(range(dist.get_world_size())):
+        group = world
+    else:
+        group = dist.new_group(ranks, use_local_synchronization=True)
+    _REDUCTION_GROUPS[(mesh, dims)] = (world, group)
+    return group
 
 
 # ---------------------------------------------------------------------------- AdamW

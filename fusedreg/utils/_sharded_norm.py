@@ -53,7 +53,8 @@ def grouped_pow_sum(values: list[torch.Tensor], keys: list, p: float, process_gr
     sums = []
     if plain or process_group is not None:
         sums.append(_pow_sum(plain, _group(plain), p, process_group, backend))
-    for (mesh, dims), group in sorted(sharded.items(), key=lambda item: _dtensor.group_order(item[0])):
+    ordered = sorted(sharded.items(), key=lambda item: _dtensor.group_order(item[0])) if len(sharded) > 1 else sharded.items()
+    for (mesh, dims), group in ordered:
         pow_sum = _pow_sum(group, _group(group), p, None, backend)
         if dims and mesh.get_coordinate() is not None:  # a process outside the mesh holds nothing
             pow_sum = _all_reduce(pow_sum, p, _dtensor.reduction_group(mesh, dims))
