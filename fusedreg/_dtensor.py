@@ -14,8 +14,8 @@ The kernels take plain tensors, so a DTensor is always handled through its local
     Replicate                they hold copies: not reduced over, so each copy counts once;
     Partial                  they hold addends of the true values, whose norm is not a function of
                              the addends' norms: the gradient is first summed over those dims into a
-                             local-shard-sized temporary (one all-reduce of the shard, what torch's
-                             norm does too) and then counts as Replicate.
+                             local-shard-sized temporary (one all-reduce of the shard; torch's norm
+                             reduces it too) and then counts as Replicate.
   Nothing is ever gathered: the scratch is one scalar per group. Parameters are never Partial;
   AdamW brings a gradient whose placements differ from its parameter's to the parameter's first.
 
@@ -32,7 +32,7 @@ import torch
 
 from ._layout import same_layout
 
-__all__ = ["any_dtensor", "dtensor_class", "group_order", "is_dtensor", "local", "norm_entry", "norm_inputs",
+__all__ = ["any_dtensor", "dtensor_class", "is_dtensor", "local", "norm_entry", "norm_inputs",
            "reduction_group", "step_view", "wrap_like"]
 
 
@@ -77,19 +77,6 @@ def norm_entry(t: torch.Tensor) -> tuple[torch.Tensor, tuple | None]:
     return t.to_local(), (mesh, _sharded_dims(placements))
 
 
-def group_order(key: tuple) -> tuple:
-    """A sort key for sharding groups (mesh, dims) that every process computes alike: the mesh's
-    shape and ranks, then the dims. Collectives must be issued in one order everywhere, and the
-    order in which groups first appear in a list of local shards need not be (AdamW lists an empty
-    local shard apart from the ones it steps)."""
-    mesh, dims = key
-    layout = _MESH_LAYOUTS.get(mesh)
-    if layout is None:  # DeviceMesh.mesh builds a tensor on every access: once per mesh
-        ranks = mesh.mesh
-        layout = _MESH_LAYOUTS[mesh] = (tuple(ranks.shape), tuple(ranks.reshape(-1).tolist()))
-    return layout + (dims,)
-
-
 def wrap_like(value: torch.Tensor, mesh) -> torch.Tensor:
     """A value every process of `mesh` holds alike (a total norm), as a DTensor replicated over it."""
     from torch.distributed.tensor import DTensor, Replicate
@@ -99,8 +86,6 @@ def wrap_like(value: torch.Tensor, mesh) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------- process groups
 
-# mesh -> (shape, ranks); equal meshes (DeviceMesh.__eq__: same ranks, shape, names) share an entry
-_MESH_LAYOUTS: dict = {}
 # (mesh, dims) -> (the default group it was found under, the group): none outlives a re-initialisation
 _REDUCTION_GROUPS: dict[tuple, tuple] = {}
 
@@ -178,9 +163,9 @@ def step_view(p, grad, state: dict, moments: tuple[str, ...], capturing: bool):
 
 def norm_inputs(buckets) -> tuple[list[torch.Tensor], list]:
     """(values, sharding groups) for AdamW's global norm: the gradients of each bucket that are not
-    DTensors' (group None), then every DTensor's local gradient with its group, empty ones included
-    (so that every process takes part in every group's all-reduce). Complex ones as real views,
-    as the buckets hold them."""
+    DTensors' (group None), then every DTensor's local gradient with its group, in parameter order
+    and empty ones included: so every process lists every group, first at the same place, and takes
+    part in its all-reduce in the same order. Complex ones as real views, as the buckets hold them."""
     values: list[torch.Tensor] = []
     keys: list = []
     for bucket in buckets:

@@ -13,9 +13,9 @@ tensors or not: one all-reduce per sharding group, nothing gathered.
 
 Which dims a group reduces over, and why Replicate dims are left out and Partial ones summed first:
 fusedreg/_dtensor.py. Every process of a mesh computes the same total, so the clip coefficient
-applied to the local shards is the same everywhere. The groups' collectives run in one order on
-every process, as collectives must: sorted by mesh shape, ranks and dims (_dtensor.group_order),
-then by first appearance; every process of a mesh must call with the same parameters.
+applied to the local shards is the same everywhere. The groups' collectives run in the order the
+groups first appear in the list, which every process must pass alike (the same parameters in the
+same order, empty local shards included), as collectives need one order everywhere.
 
 Cost: one scalar all-reduce per group (FSDP2 alone: one for every parameter; FSDP x TP with
 column- and row-parallel layers: two, the weights sharded over both mesh dims and the row-parallel
@@ -53,8 +53,7 @@ def grouped_pow_sum(values: list[torch.Tensor], keys: list, p: float, process_gr
     sums = []
     if plain or process_group is not None:
         sums.append(_pow_sum(plain, _group(plain), p, process_group, backend))
-    ordered = sorted(sharded.items(), key=lambda item: _dtensor.group_order(item[0])) if len(sharded) > 1 else sharded.items()
-    for (mesh, dims), group in ordered:
+    for (mesh, dims), group in sharded.items():  # in order of first appearance
         pow_sum = _pow_sum(group, _group(group), p, None, backend)
         if dims and mesh.get_coordinate() is not None:  # a process outside the mesh holds nothing
             pow_sum = _all_reduce(pow_sum, p, _dtensor.reduction_group(mesh, dims))
