@@ -184,6 +184,14 @@ def fsdp_x_tp_follows_torch(rank, world_size, out_dir, device="cpu"):
     _twin_steps(models[:2], models[2], mesh.get_coordinate()[0], device, mesh_ndim=2)
 
 
+def hsdp_follows_torch(rank, world_size, out_dir, device="cpu"):
+    """HSDP: fully_shard over a 2-D (replicate, shard) mesh; the replicate dim must count once."""
+    mesh = init_device_mesh(device, (2, world_size // 2), mesh_dim_names=("replicate", "shard"))
+    models = [_fully_shard(_mlp(device), mesh) for _ in range(3)]
+    assert models[0][0].weight.placements == (Replicate(), Shard(0))
+    _twin_steps(models[:2], models[2], rank, device, mesh_ndim=2)
+
+
 def mixed_dtensor_and_plain_parameters(rank, world_size, out_dir, device="cpu"):
     """A sharded and a plain parameter in one optimizer (the plain one identical on every process,
     as a replicated parameter is): the norm counts the plain one once, and is a plain tensor."""
@@ -295,6 +303,9 @@ def one_all_reduce_per_sharding_group(rank, world_size, out_dir, device="cpu"):
         mesh2 = init_device_mesh(device, (2, 2), mesh_dim_names=("dp", "tp"))
         # weights sharded over dp and tp: over all 4 ranks; the row-parallel bias over dp: 2 ranks
         cases.append(("fsdp x tp", _fsdp_x_tp(device, mesh2), [4, 2]))
+        # HSDP: sharded over the second dim, replicated over the first: 2 ranks
+        hsdp_mesh = init_device_mesh(device, (2, 2), mesh_dim_names=("replicate", "shard"))
+        cases.append(("hsdp", _fully_shard(_mlp(device), hsdp_mesh), [2]))
     for what, model, sizes in cases:
         _backward(model, _batch(0, rank, device))
         params = list(model.parameters())
@@ -419,6 +430,7 @@ CHECKS = {
     "fully_shard_follows_torch": (fully_shard_follows_torch, (2, 4)),
     "tensor_parallel_follows_torch": (tensor_parallel_follows_torch, (2, 4)),
     "fsdp_x_tp_follows_torch": (fsdp_x_tp_follows_torch, (4,)),
+    "hsdp_follows_torch": (hsdp_follows_torch, (4,)),
     "mixed_dtensor_and_plain_parameters": (mixed_dtensor_and_plain_parameters, (2, 4)),
     "partial_gradients": (partial_gradients, (2,)),
     "misuse_raises_clear_errors": (misuse_raises_clear_errors, (2,)),
