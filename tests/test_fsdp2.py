@@ -16,8 +16,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-import dtensor_checks
-from fusedreg import _build
+if not dist.is_available():
+    pytest.skip("this torch is built without torch.distributed", allow_module_level=True)
+
+import dtensor_checks  # noqa: E402
+from fusedreg import _build  # noqa: E402
 
 
 def _worker(rank, world_size, init_file, out_dir, backend):
