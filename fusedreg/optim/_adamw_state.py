@@ -21,7 +21,7 @@ MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 class Bucket:
     """The tensors of one op call, plus what the call needs around it."""
     __slots__ = ("params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "steps", "all_steps",
-                 "runs", "writebacks")
+                 "runs", "writebacks", "sharded_grads")
 
     def __init__(self):
         self.params: list[torch.Tensor] = []
@@ -33,6 +33,8 @@ class Bucket:
         self.all_steps: list[torch.Tensor] = []  # zero-size parameters count steps too
         self.runs: list[list[int]] = []          # [group index, tensor count] in kernel order
         self.writebacks: list[tuple[torch.Tensor, torch.Tensor]] = []  # (non-dense param, dense copy)
+        # DTensor parameters: (index its tensors get in the lists above, local grad, sharding group)
+        self.sharded_grads: list[tuple[int, torch.Tensor, tuple]] = []
 
 
 def refuse_state_in_capture(what: str) -> None:

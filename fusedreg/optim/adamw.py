@@ -31,6 +31,9 @@ Choices and their trade-offs:
   through a dense copy that is copied back; gradients or moments laid out unlike their parameter
   are brought into its layout first. Zero-size parameters count steps but are not sent to the kernel.
 - Complex parameters are stepped as real views, as torch does.
+- DTensor parameters (FSDP2, tensor parallel) are stepped through their local shards, in the same
+  buckets as plain ones; their moments are DTensors placed like them, and max_grad_norm's norm
+  costs one all-reduce per sharding group (fusedreg/_dtensor.py).
 """
 from __future__ import annotations
 
@@ -39,10 +42,10 @@ from typing import Any, Callable
 import torch
 from torch.optim import Optimizer
 
-from .. import _backend
+from .. import _backend, _dtensor
 from ..ops._dispatch import kernel
 from ..reference import adamw as reference
-from ..utils.clip import get_total_norm
+from ..utils.clip import global_norm
 from ._adamw_hparams import (check_differentiable, check_hyperparameters, group_signatures, hparam_rows,
                              to_scalar)
 from ._adamw_state import MOMENTS, Bucket, dense_views, refuse_state_in_capture, scalar_on, step_tensor
@@ -56,9 +59,11 @@ _GROUP_DEFAULTS = {"amsgrad": False, "maximize": False, "foreach": None, "captur
                    "differentiable": False, "fused": None}
 
 
-def _total_norm(grads: list[torch.Tensor], backend: str | None, norm_dtype: torch.dtype) -> torch.Tensor:
-    """The global 2-norm of `grads` in `norm_dtype`, by fusedreg.get_total_norm's kernels."""
-    return get_total_norm(grads, 2.0, backend=backend, norm_dtype=norm_dtype)
+def _total_norm(grads: list[torch.Tensor], sharding: list | None, backend: str | None,
+                norm_dtype: torch.dtype) -> torch.Tensor:
+    """The global 2-norm of `grads` in `norm_dtype`, by fusedreg.get_total_norm's kernels (with
+    `sharding`, grads holds DTensors' local shards: see fusedreg._dtensor.norm_inputs)."""
+    return global_norm(grads, sharding, 2.0, backend, norm_dtype)
 
 
 class AdamW(Optimizer):
@@ -241,6 +246,7 @@ class AdamW(Optimizer):
         contiguous, real) costs a handful of attribute reads; the rest goes through dense_views."""
         buckets: dict[tuple, Bucket] = {}
         states = self.state
+        dtensor = _dtensor.dtensor_class()
         for index, group in enumerate(self.param_groups):
             check_differentiable(group["differentiable"])
             amsgrad, maximize = bool(group["amsgrad"]), bool(group["maximize"])
@@ -260,6 +266,10 @@ class AdamW(Optimizer):
                     if capturing:
                         refuse_state_in_capture("amsgrad needs a max_exp_avg_sq it has not made yet")
                     state["max_exp_avg_sq"] = torch.zeros_like(state["exp_avg_sq"])
+                shard_key = None
+                if dtensor is not None and isinstance(p, dtensor):  # FSDP2 / TP: step the local shard
+                    p, grad, state, shard_key = _dtensor.step_view(p, grad, state, MOMENTS[:3 if amsgrad else 2],
+                                                                   capturing)
                 exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
                 max_exp_avg_sq = state["max_exp_avg_sq"] if amsgrad else None
                 key = (p.device, p.dtype, exp_avg.dtype, amsgrad, maximize)
@@ -268,6 +278,8 @@ class AdamW(Optimizer):
                     bucket = buckets[key] = Bucket()
                 step = state["step"]
                 bucket.all_steps.append(step)
+                if shard_key is not None:  # for the norm, empty shards too: every process has every group
+                    bucket.sharded_grads.append((len(bucket.grads), grad, shard_key))
                 if not p.numel():
                     continue
 
@@ -295,6 +307,9 @@ class AdamW(Optimizer):
         """(clip coefficient, found_inf) for max_grad_norm, device scalars (the coefficient in the
         norm's dtype: float32, float64 for float64 gradients); sets last_grad_norm."""
         grads = [g for bucket in buckets.values() for g in bucket.grads]
+        sharding = None
+        if any(bucket.sharded_grads for bucket in buckets.values()):
+            grads, sharding = _dtensor.norm_inputs(buckets.values())
         if not grads:  # only zero-size parameters have gradients
             first = next(iter(buckets))[0]
             norm = torch.zeros((), dtype=torch.float32, device=first)
@@ -302,7 +317,7 @@ class AdamW(Optimizer):
             # float32 even for low-precision gradients (torch would round the norm, and so the
             # coefficient, to bfloat16), float64 where there are float64 gradients
             wide = any(key[1] in (torch.float64, torch.complex128) for key in buckets)
-            norm = _total_norm(grads, self.backend, torch.float64 if wide else torch.float32)
+            norm = _total_norm(grads, sharding, self.backend, torch.float64 if wide else torch.float32)
         if grad_scale is not None:  # the norm of the unscaled gradients
             norm = norm / scalar_on(grad_scale, norm.device).to(norm.dtype)
         self.last_grad_norm = norm

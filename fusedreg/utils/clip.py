@@ -9,6 +9,9 @@ without a host sync.
     clip_grads_with_norm_        coef = clamp(max_norm / (total_norm + 1e-6), max=1) on the device,
                                  then one fusedreg::multi_tensor_scale_ per group.
     clip_grad_norm_              both; the coefficient comes from the float32 norm.
+    DTensor gradients            (FSDP2, tensor parallel) the same kernels on each local shard, then
+                                 one all-reduce per sharding group instead of over `process_group`
+                                 (_sharded_norm.py); clipping scales the local shards in place.
 
 Nothing here reads a value back to the host except error_if_nonfinite=True, which has to.
 
@@ -36,7 +39,7 @@ from typing import Iterable
 
 import torch
 
-from .. import _backend
+from .. import _backend, _dtensor
 from ..ops._dispatch import kernel
 from ..reference import clip as reference
 
@@ -147,9 +150,10 @@ def _root(pow_sum: torch.Tensor, p: float) -> torch.Tensor:
     return pow_sum.pow(1.0 / p)
 
 
-def _accumulated_norm(tensors: list[torch.Tensor], groups: _Groups, p: float, process_group,
-                      backend: str | None) -> torch.Tensor | None:
-    """The global p-norm in the accumulation dtype, or None without tensors and without a group."""
+def _pow_sum(tensors: list[torch.Tensor], groups: _Groups, p: float, process_group,
+             backend: str | None) -> torch.Tensor | None:
+    """The p-th power sum (max for inf) of plain tensors over `process_group` in the accumulation
+    dtype, or None without tensors and without a group."""
     if tensors:
         pow_sum = _local_pow_sum(groups, tensors[0].device, p, backend)
     elif process_group is not None:
@@ -158,7 +162,7 @@ def _accumulated_norm(tensors: list[torch.Tensor], groups: _Groups, p: float, pr
         return None
     if process_group is not None:
         pow_sum = _all_reduce(pow_sum, p, process_group)
-    return _root(pow_sum, p)
+    return pow_sum
 
 
 def _check_finite(norm: torch.Tensor, p: float) -> None:
@@ -227,13 +231,45 @@ def _scale_grads(groups: _Groups, max_norm: float, total_norm: torch.Tensor, bac
 
 
 def _checked_norm(tensors, norm_type, error_if_nonfinite, process_group, backend):
-    """(accumulated norm or None when there are no tensors, the (device, dtype) groups)."""
+    """(accumulated norm or None when there are no tensors, the (device, dtype) groups of the
+    tensors' local values, the mesh the norm is a DTensor on or None). DTensors go through
+    _sharded_norm: one all-reduce per sharding group."""
     p = _check_norm_type(norm_type)
-    groups = _group(tensors)
-    norm = _accumulated_norm(tensors, groups, p, process_group, backend)
+    mesh = None
+    if _dtensor.any_dtensor(tensors):
+        from ._sharded_norm import sharded_pow_sum
+
+        groups = _group([_dtensor.local(t) for t in tensors])
+        pow_sum, mesh = sharded_pow_sum(tensors, p, process_group, backend)
+    else:
+        groups = _group(tensors)
+        pow_sum = _pow_sum(tensors, groups, p, process_group, backend)
+    norm = None if pow_sum is None else _root(pow_sum, p)
     if norm is not None and error_if_nonfinite:
         _check_finite(norm, p)
-    return norm, groups
+    return norm, groups, mesh
+
+
+def _result(norm: torch.Tensor, groups: _Groups, norm_dtype: torch.dtype | None, mesh) -> torch.Tensor:
+    """The returned norm: in the result dtype; a DTensor replicated over `mesh` when every tensor was
+    a DTensor on that one mesh (where torch returns a DTensor too)."""
+    norm = norm.to(_result_dtype(groups, norm_dtype))
+    return norm if mesh is None else _dtensor.wrap_like(norm, mesh)
+
+
+def global_norm(tensors: list[torch.Tensor], sharding: list | None, norm_type: float, backend: str | None,
+               norm_dtype: torch.dtype) -> torch.Tensor:
+    """The global norm of plain tensors in `norm_dtype`, as a plain tensor; with `sharding` (per
+    tensor None or the (mesh, dims) group of a DTensor's local shard, see fusedreg._dtensor), of the
+    DTensors those local shards belong to. For optimizers that hold local shards already."""
+    p = _check_norm_type(norm_type)
+    if sharding is None or all(key is None for key in sharding):
+        pow_sum = _pow_sum(tensors, _group(tensors), p, None, backend)
+    else:
+        from ._sharded_norm import grouped_pow_sum
+
+        pow_sum = grouped_pow_sum(tensors, sharding, p, None, backend)
+    return _root(pow_sum, p).to(norm_dtype)
 
 
 @torch.no_grad()
@@ -246,12 +282,15 @@ def get_total_norm(tensors: _TensorOrTensors, norm_type: float | str = 2.0, erro
     tensors) or `norm_dtype`; tensor(0.) on the CPU when there are no tensors. With
     `process_group`, every process's p-th power sum is all-reduced first, so each process gets the
     norm of the gradients of all processes (every process of the group must call it, with or
-    without tensors). Raises RuntimeError if error_if_nonfinite and the norm is nan or inf (the
+    without tensors). DTensors (FSDP2, tensor parallel) count as the global tensors they are, at the
+    cost of one all-reduce per sharding group (process_group= then applies to the plain tensors
+    only); when all tensors are DTensors on one mesh the norm is a DTensor replicated over it, as
+    torch returns one. Raises RuntimeError if error_if_nonfinite and the norm is nan or inf (the
     only case that waits for the device). `foreach` is ignored.
     """
     tensors = [tensors] if isinstance(tensors, torch.Tensor) else list(tensors)
-    norm, groups = _checked_norm(tensors, norm_type, error_if_nonfinite, process_group, backend)
-    return torch.tensor(0.0) if norm is None else norm.to(_result_dtype(groups, norm_dtype))
+    norm, groups, mesh = _checked_norm(tensors, norm_type, error_if_nonfinite, process_group, backend)
+    return torch.tensor(0.0) if norm is None else _result(norm, groups, norm_dtype, mesh)
 
 
 @torch.no_grad()
@@ -259,12 +298,16 @@ def clip_grads_with_norm_(parameters: _TensorOrTensors, max_norm: float, total_n
                           foreach: bool | None = None, *, backend: str | None = None) -> None:
     """Scales every gradient by clamp(max_norm / (total_norm + 1e-6), max=1) in place
     (torch.nn.utils.clip_grads_with_norm_): the coefficient in total_norm's dtype on its device,
-    the product in float32 (float64 for float64 gradients) rounded once. `foreach` is ignored."""
+    the product in float32 (float64 for float64 gradients) rounded once; DTensor gradients shard
+    by shard (a DTensor total_norm is read with full_tensor(): no collective once replicated).
+    `foreach` is ignored."""
     if isinstance(parameters, torch.Tensor):
         parameters = [parameters]
-    grads = [p.grad for p in parameters if p.grad is not None]
+    grads = [_dtensor.local(p.grad) for p in parameters if p.grad is not None]
     if not grads:
         return
+    if _dtensor.is_dtensor(total_norm):  # replicated (ours, torch's p-norms) or Partial (torch's inf)
+        total_norm = total_norm.full_tensor()
     if not isinstance(total_norm, torch.Tensor):
         # A fill on the device, not torch.tensor(x, device=...): that copies from pageable host
         # memory, which waits for the device, and is refused during CUDA-graph capture.
@@ -295,8 +338,8 @@ def clip_grad_norm_(parameters: _TensorOrTensors, max_norm: float, norm_type: fl
             warnings.warn("`parameters` is an empty generator, no gradient clipping will occur.",
                           stacklevel=3)
     grads = [param.grad for param in parameters if param.grad is not None]
-    norm, groups = _checked_norm(grads, norm_type, error_if_nonfinite, process_group, backend)
+    norm, groups, mesh = _checked_norm(grads, norm_type, error_if_nonfinite, process_group, backend)
     if norm is None:
         return torch.tensor(0.0)
     _scale_grads(groups, max_norm, norm, backend)
-    return norm.to(_result_dtype(groups, norm_dtype))
+    return _result(norm, groups, norm_dtype, mesh)
