@@ -69,7 +69,7 @@ def _step(module, x, dy):
 
 
 def _worker(rank, init_file, out_dir, backend):
-    # forked from a process that may have run OpenMP regions: stay out of them in the child
+    # two processes on shared cores: one thread each
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
                             timeout=datetime.timedelta(seconds=60))
@@ -106,9 +106,10 @@ def _expected(config):
 @pytest.mark.parametrize("backend", ["reference"] + native_backends("cpu"))
 def test_two_processes_match_one_process_on_the_concatenated_batch(backend, tmp_path):
     _ready(backend)
-    # fork, not spawn: a spawned child re-imports torch and torch._dynamo (seconds each)
+    # forkserver, not fork: autograd refuses to run in a child forked after this process ran a
+    # compiled backward (other tests do); the server imports torch once for every later start
     mp.start_processes(_worker, args=(str(tmp_path / "init"), str(tmp_path), backend), nprocs=WORLD,
-                       join=True, start_method="fork")
+                       join=True, start_method="forkserver")
     for name, config in CONFIGS.items():
         expected_steps, expected_buffers = _expected(config)
         ranks = [torch.load(tmp_path / f"{name}-{rank}.pt") for rank in range(WORLD)]
