@@ -21,7 +21,7 @@ MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 class Bucket:
     """The tensors of one op call, plus what the call needs around it."""
     __slots__ = ("params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "steps", "all_steps",
-                 "runs", "writebacks")
+                 "runs", "writebacks", "ids")
 
     def __init__(self):
         self.params: list[torch.Tensor] = []
@@ -33,6 +33,12 @@ class Bucket:
         self.all_steps: list[torch.Tensor] = []  # zero-size parameters count steps too
         self.runs: list[list[int]] = []          # [group index, tensor count] in kernel order
         self.writebacks: list[tuple[torch.Tensor, torch.Tensor]] = []  # (non-dense param, dense copy)
+        self.ids: list[int] = []  # of the tensors sent to the kernel: index in the optimizer's flat
+                                  # parameter order (their stochastic-rounding stream)
+
+    def rounds_stochastically(self) -> bool:
+        """Whether a stochastic-rounding step has a bfloat16 tensor to round in this bucket."""
+        return bool(self.params) and torch.bfloat16 in (self.params[0].dtype, self.exp_avgs[0].dtype)
 
 
 def refuse_state_in_capture(what: str) -> None:
