@@ -11,6 +11,13 @@ in both the compiler and the interpreter); elements are updated in fp32 (fp64 fo
 with correctly rounded division and square root and no FMA contraction, in the order of
 fusedreg/reference/adamw.py, and rounded once. found_inf empties every program's range.
 
+Stochastic rounding (sr_seed given: the SR specialisation; pure-bf16 training): bfloat16 stores
+round by integer ops with the Philox words of csrc/adamw.h's stream (fusedreg/triton/_adamw_sr.py),
+one tl.philox per four elements and word pair, inside the same loop; the tensors' ids in the stream
+are one more pointer-table row. The float32 math already rounds every operation as the reference
+does, so the bits match every other backend's (the per-tensor float64 scalars could differ in their
+last bit from pow's, which changes their float32 rounding with a probability of order 2**-28).
+
 Addresses read from memory carry no alignment for the compiler. A tensor's full blocks are told
 their pointers are 16-byte aligned (tl.multiple_of: 16-byte vector accesses) only when the host
 found every operand of that tensor aligned (p, g, m, v, max_v: its vector flag); a flat gradient
