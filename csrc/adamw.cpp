@@ -205,9 +205,10 @@ struct BlockOperand {
   }
 };
 
-// Where a kSR chunk's random words come from: the key, the tensor's id, the chunk's first element.
+// Where a kSR chunk's random words come from: the seed's round keys, the tensor's id, the chunk's
+// first element.
 struct SRStream {
-  uint64_t seed = 0;
+  PhiloxKeys keys{};
   uint32_t tensor_id = 0;
   int64_t first = 0;
 };
@@ -215,7 +216,7 @@ struct SRStream {
 // Words A (pair 0) or B (pair 1) of elements [first, first + n) of the stream, first % 4 == 0.
 void sr_block_words(const SRStream& sr, int64_t first, int n, uint32_t pair, uint32_t* words) {
   for (int q = 0; q < n; q += 4) {
-    const Philox4x32Words w = adamw_sr_words(sr.seed, sr.tensor_id, static_cast<uint64_t>(first + q) / 4, pair);
+    const Philox4x32Words w = adamw_sr_words(sr.keys, sr.tensor_id, static_cast<uint64_t>(first + q) / 4, pair);
     for (int l = 0; l < 4; ++l) words[q + l] = w.w[l];
   }
 }
@@ -328,7 +329,7 @@ void adamw_step_cpu_typed(const std::array<at::TensorList, Depth>& lists,
         const MultiTensorChunk chunk = table.chunk_of(static_cast<int>(block));
         SRStream sr;
         if constexpr (kSR) {
-          sr.seed = static_cast<uint64_t>(*sr_seed);
+          sr.keys = philox_keys(static_cast<uint64_t>(*sr_seed));
           sr.tensor_id = adamw_sr_tensor_id(sr_tensor_ids, static_cast<size_t>(chunk.tensor));
           sr.first = chunk.begin;
         }

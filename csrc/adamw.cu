@@ -106,9 +106,11 @@ __device__ __forceinline__ void adamw_update(param_t& p, const param_t& g, state
   if constexpr (kAmsgrad) vmax = round_to<kSR, state_t>(max_exp_avg_sq, word_b >> 16);
 }
 
-// Where a kSR kernel's random words come from: the key, the tensor's id, the chunk's first element.
+// Where a kSR kernel's random words come from: the seed's round keys (derived once per thread:
+// registers are plentiful at one block per SM, and it saves two adds per round), the tensor's id,
+// the chunk's first element.
 struct SRStream {
-  uint64_t seed;
+  PhiloxKeys keys;
   uint32_t tensor_id;
   int64_t first;
 };
@@ -116,11 +118,11 @@ struct SRStream {
 // Words A (and B, only when the states are bfloat16) of element group `group`.
 template <typename state_t>
 __device__ __forceinline__ void sr_group_words(const SRStream& sr, uint64_t group, uint32_t* a, uint32_t* b) {
-  const Philox4x32Words wa = adamw_sr_words(sr.seed, sr.tensor_id, group, 0);
+  const Philox4x32Words wa = adamw_sr_words(sr.keys, sr.tensor_id, group, 0);
 #pragma unroll
   for (int l = 0; l < 4; ++l) a[l] = wa.w[l];
   if constexpr (is_bf16<state_t>()) {
-    const Philox4x32Words wb = adamw_sr_words(sr.seed, sr.tensor_id, group, 1);
+    const Philox4x32Words wb = adamw_sr_words(sr.keys, sr.tensor_id, group, 1);
 #pragma unroll
     for (int l = 0; l < 4; ++l) b[l] = wb.w[l];
   }
@@ -147,18 +149,25 @@ __device__ __forceinline__ void adamw_chunk(param_t* __restrict__ p, const param
       AlignedVec<state_t, N> vv = load_vec<N>(v + i * N);
       AlignedVec<state_t, N> xv;
       if constexpr (kAmsgrad) xv = load_vec<N>(vmax + i * N);
-      uint32_t word_a[N] = {}, word_b[N] = {};
       if constexpr (kSR) {
+        // one element group at a time: its words are live only while its four elements update
         static_assert(N % 4 == 0, "a vector must hold whole element groups");
 #pragma unroll
         for (int q = 0; q < N / 4; ++q) {
-          sr_group_words<state_t>(sr, static_cast<uint64_t>(sr.first + i * N) / 4 + q, word_a + 4 * q, word_b + 4 * q);
-        }
-      }
+          uint32_t word_a[4], word_b[4] = {};
+          sr_group_words<state_t>(sr, static_cast<uint64_t>(sr.first + i * N) / 4 + q, word_a, word_b);
 #pragma unroll
-      for (int j = 0; j < N; ++j) {
-        adamw_update<kAmsgrad, kDivideGrad, kSR>(pv.val[j], gv.val[j], mv.val[j], vv.val[j], xv.val[j], s,
-                                                 word_a[j], word_b[j]);
+          for (int l = 0; l < 4; ++l) {
+            const int j = 4 * q + l;
+            adamw_update<kAmsgrad, kDivideGrad, kSR>(pv.val[j], gv.val[j], mv.val[j], vv.val[j], xv.val[j], s,
+                                                     word_a[l], word_b[l]);
+          }
+        }
+      } else {
+#pragma unroll
+        for (int j = 0; j < N; ++j) {
+          adamw_update<kAmsgrad, kDivideGrad, kSR>(pv.val[j], gv.val[j], mv.val[j], vv.val[j], xv.val[j], s);
+        }
       }
       store_vec<N>(p + i * N, pv);
       store_vec<N>(m + i * N, mv);
@@ -173,23 +182,28 @@ __device__ __forceinline__ void adamw_chunk(param_t* __restrict__ p, const param
       uint32_t word_a[4], word_b[4] = {};
       sr_group_words<state_t>(sr, static_cast<uint64_t>(sr.first + i) / 4, word_a, word_b);
       const int lane = static_cast<int>((sr.first + i) % 4);
-      adamw_update<kAmsgrad, kDivideGrad, kSR>(p[i], g[i], m[i], v[i], kAmsgrad ? vmax[i] : unused, s,
-                                               word_a[lane], word_b[lane]);
+      // selected, not indexed: a run-time index would put the words in local memory
+      const uint32_t a = lane == 0 ? word_a[0] : lane == 1 ? word_a[1] : lane == 2 ? word_a[2] : word_a[3];
+      const uint32_t b = lane == 0 ? word_b[0] : lane == 1 ? word_b[1] : lane == 2 ? word_b[2] : word_b[3];
+      adamw_update<kAmsgrad, kDivideGrad, kSR>(p[i], g[i], m[i], v[i], kAmsgrad ? vmax[i] : unused, s, a, b);
     } else {
       adamw_update<kAmsgrad, kDivideGrad, kSR>(p[i], g[i], m[i], v[i], kAmsgrad ? vmax[i] : unused, s);
     }
   }
 }
 
-// Two blocks per SM (<= 64 registers) keep enough loads in flight; float64 with amsgrad would spill
-// there, and it is rare enough to run at one block per SM.
-template <typename param_t>
+// Two blocks per SM (<= 64 registers) keep enough loads in flight. One block per SM (<= 128) where
+// 64 would spill: float64, float32 params with bfloat16 states (8-element vectors of float32
+// params and grads), and stochastic rounding (the Philox state and round keys); a 512-thread block
+// still has 8 elements per thread, 32 KB of bfloat16 loads per SM, in flight.
+template <typename param_t, typename state_t, bool kSR>
 constexpr int min_blocks_per_sm() {
-  return std::is_same_v<param_t, double> ? 1 : 2;
+  const bool wide = std::is_same_v<param_t, double> || (std::is_same_v<param_t, float> && is_bf16<state_t>());
+  return wide || kSR ? 1 : 2;
 }
 
 template <int Depth, typename param_t, typename state_t, bool kSR>
-__global__ void __launch_bounds__(kAdamWThreads, min_blocks_per_sm<param_t>())
+__global__ void __launch_bounds__(kAdamWThreads, min_blocks_per_sm<param_t, state_t, kSR>())
     adamw_kernel(const __grid_constant__ MultiTensorTable<Depth> table, const __grid_constant__ AdamWLaunchArgs args) {
   constexpr bool kAmsgrad = Depth == 5;
   using acc = acc_t<param_t>;
@@ -208,7 +222,7 @@ __global__ void __launch_bounds__(kAdamWThreads, min_blocks_per_sm<param_t>())
   SRStream sr{};
   if constexpr (kSR) {
     const uint8_t* delta = args.sr_id_delta[chunk.slot];
-    sr.seed = static_cast<uint64_t>(*args.sr_seed);
+    sr.keys = philox_keys(static_cast<uint64_t>(*args.sr_seed));
     sr.tensor_id = args.sr_id_base + (delta[0] | (uint32_t(delta[1]) << 8) | (uint32_t(delta[2]) << 16));
     sr.first = chunk.begin;
   }

@@ -205,6 +205,13 @@ FUSEDREG_HOST_DEVICE inline Philox4x32Words adamw_sr_words(uint64_t seed, uint32
                        static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
 }
 
+// adamw_sr_words with the seed's round keys given (philox_keys(seed)): a kernel that draws many
+// groups under one seed derives them once.
+FUSEDREG_HOST_DEVICE inline Philox4x32Words adamw_sr_words(const PhiloxKeys& keys, uint32_t tensor_id,
+                                                           uint64_t group, uint32_t pair) {
+  return philox4x32_10(static_cast<uint32_t>(group), static_cast<uint32_t>(group >> 32), tensor_id, pair, keys);
+}
+
 // float32 bits -> bfloat16 bits by stochastic rounding with the 16-bit random value r16.
 FUSEDREG_HOST_DEVICE inline uint16_t adamw_sr_bf16_bits(uint32_t float_bits, uint32_t r16) {
   const bool is_nan = (float_bits & 0x7FFFFFFFu) > 0x7F800000u;

@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from conftest import native_backends
+from conftest import TOLERANCES, native_backends
 from fusedreg import _build, _library
 from fusedreg.optim import AdamW
 from fusedreg.reference.adamw import adamw_step_ as reference_step
@@ -173,6 +173,26 @@ def test_bit_identical_to_the_reference(device, backend, dtype, state_dtype, ams
         _assert_bitwise(ours, ref)
         for s in ours["steps"] + ref["steps"]:
             s += 1
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_bf16_moments_round_to_nearest_without_a_seed(device, backend, dtype, amsgrad):
+    """bfloat16 moments under float32/float16 params, no sr_seed: the reference's step within each
+    tensor's own dtype tolerance (rounding to nearest may flip where the float32 values differ in
+    their last bit)."""
+    sizes = [(7, 3), (13,), (1031,)]
+    ours, hparams = _state(device, dtype, torch.bfloat16, amsgrad, sizes)
+    ref, _ = _state(device, dtype, torch.bfloat16, amsgrad, sizes)
+    _call(_op(backend), ours, hparams, amsgrad)
+    _call(reference_step, ref, hparams, amsgrad)
+    for key in ("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"):
+        for a, e in zip(ours[key], ref[key]):
+            atol, rtol = TOLERANCES[a.dtype]
+            assert a.dtype == e.dtype
+            torch.testing.assert_close(a, e, atol=atol, rtol=rtol)
+    assert not torch.equal(ours["params"][2], _state(device, dtype, torch.bfloat16, amsgrad, sizes)[0]["params"][2])
 
 
 @pytest.mark.parametrize("device,backend", ALL_BACKENDS)
