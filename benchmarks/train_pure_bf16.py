@@ -207,11 +207,13 @@ def main() -> None:
     summary = {name: {v: {"final_loss": r["final"], "seconds": r["seconds"]} for v, r in res.items()
                       if isinstance(r, dict)} for name, res in results.items()}
     summary["tiny GPT"]["entropy floor"] = results["tiny GPT"]["entropy floor"]
+    doc = {"machine": info, "steps": {"digits CNN": args.digits_steps, "tiny GPT": args.gpt_steps},
+           "final_loss_is": "mean training loss of the last 10% of steps", "results": summary}
+    # the loss curves (5 significant digits), one line per curve
+    curves = ",\n".join(f' "{n} / {v}": {json.dumps([float(f"{x:.5g}") for x in r["losses"]])}'
+                         for n, res in results.items() for v, r in res.items() if isinstance(r, dict))
     with open(args.out + ".json", "w") as f:
-        json.dump({"machine": info, "steps": {"digits CNN": args.digits_steps, "tiny GPT": args.gpt_steps},
-                   "final_loss_is": "mean training loss of the last 10% of steps", "results": summary,
-                   "curves": {n: {v: r["losses"] for v, r in res.items() if isinstance(r, dict)}
-                              for n, res in results.items()}}, f, indent=1)
+        f.write(json.dumps(doc, indent=1)[:-2] + ',\n "curves": {\n' + curves + "\n }\n}\n")
     lines = [f"# Pure-bf16 AdamW on CPU ({label})", "",
              "Final training loss (mean of the last 10% of steps); lower is better.", "",
              "| model | " + " | ".join(VARIANTS) + " |", "|---|" + "---|" * len(VARIANTS)]
