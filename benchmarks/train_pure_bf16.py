@@ -220,7 +220,8 @@ def main() -> None:
     for name in ("digits CNN", "tiny GPT"):
         lines.append(f"| {name} | " + " | ".join(f"{results[name][v]['final']:.4f}" for v in VARIANTS) + " |")
     lines += ["", f"tiny GPT loss floor (entropy of its bigram chain): {results['tiny GPT']['entropy floor']:.4f}",
-              "", "Produced by `python benchmarks/train_pure_bf16.py`."]
+              "", f"{sum(r['seconds'] for res in results.values() for r in res.values() if isinstance(r, dict)):.0f} s "
+              "for all six runs on one thread. Produced by `python benchmarks/train_pure_bf16.py`."]
     with open(args.out + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
     print(f"wrote {args.out}.png, .json, .md")
