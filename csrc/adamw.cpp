@@ -154,7 +154,7 @@ inline void store_acc(c10::BFloat16& dst, float x) {
 
 // x rounded to bfloat16 stochastically with the 16-bit random value r16.
 inline void store_acc_sr(c10::BFloat16& dst, float x, uint32_t r16) {
-  dst = c10::BFloat16(adamw_sr_bf16_bits(float_to_bits(x), r16), c10::BFloat16::from_bits());
+  dst = c10::BFloat16(adamw_sr_bf16_bits(x, r16), c10::BFloat16::from_bits());
 }
 
 inline void store_acc(c10::Half& dst, float x) {

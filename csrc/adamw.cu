@@ -83,7 +83,7 @@ constexpr bool is_bf16() {
 template <bool kSR, typename T, typename acc>
 __device__ __forceinline__ T round_to(acc x, uint32_t r16) {
   if constexpr (kSR && is_bf16<T>()) {
-    return T(adamw_sr_bf16_bits(__float_as_uint(x), r16), T::from_bits());
+    return T(adamw_sr_bf16_bits(x, r16), T::from_bits());
   } else {
     return static_cast<T>(x);
   }
