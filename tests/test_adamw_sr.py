@@ -393,3 +393,19 @@ def test_cuda_graph_replays_draw_fresh_bits(backend):
     torch.cuda.synchronize()
     assert not torch.equal(results[0], results[1])
     assert (results[0].float() - results[1].float()).abs().max() <= 2**-7
+
+
+def test_pure_bf16_bench_case_moves_14_bytes_per_param_and_runs():
+    """`fusedreg bench adamw` case "pure bf16 + SR": its floor is 14 B/param (read p, g, m, v and write
+    p, m, v in bfloat16), and every CPU implementation takes a step on a small GPT-2 parameter list."""
+    from fusedreg.bench import registry
+    from fusedreg.bench.adamw import _gpt2_numel
+
+    (case,) = [c for c in registry.cases(["adamw"], "cpu") if c.name == "pure_bf16"]
+    size = (1, 16, 64, 8)
+    assert case.bytes_moved(size, torch.bfloat16) == 14 * _gpt2_numel(size)
+    inputs = case.make(size, torch.bfloat16, "cpu")
+    impls = case.impls_for("cpu", quick=True)
+    assert "fusedreg[cpu] pure bf16 + SR" in impls and "torch AdamW(fused=True), fp32 params" in impls
+    for impl in impls.values():
+        impl.setup(inputs)()
