@@ -318,6 +318,12 @@ def test_optimizer_errors():
     with pytest.raises(TypeError, match="bf16_stochastic_round must be a bool"):
         AdamW(bf16, bf16_stochastic_round=1)
     AdamW(fp32, bf16_stochastic_round=True, state_dtype=torch.bfloat16)  # bfloat16 moments to round
+    opt = AdamW(bf16, bf16_stochastic_round=True)
+    with pytest.raises(ValueError, match="offered for bfloat16 only"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(3, dtype=torch.float16))]})
+    assert len(opt.param_groups) == 1  # the refused group is not kept
+    opt.add_param_group({"params": fp32})  # nothing to round there, but the optimizer has bfloat16
+    AdamW([{"params": fp32}, {"params": bf16}], bf16_stochastic_round=True)  # bfloat16 in a later group
 
 
 def test_bf16_moments_and_checkpoints_load_both_ways():

@@ -58,10 +58,12 @@ def check_state_dtype(state_dtype) -> None:
                          f"got {state_dtype!r}")
 
 
-def check_stochastic_rounding(bf16_stochastic_round, state_dtype, param_groups: list[dict]) -> None:
+def check_stochastic_rounding(bf16_stochastic_round, state_dtype, param_groups: list[dict],
+                              need_bf16: bool = True) -> None:
     """bf16_stochastic_round=True needs a bfloat16 tensor to round (a bfloat16 parameter, or
-    state_dtype=torch.bfloat16 with a parameter it applies to) and no float16 parameter (stochastic
-    rounding to float16 is not offered: it would silently round those to nearest)."""
+    state_dtype=torch.bfloat16 with a parameter it applies to; checked when need_bf16) and no
+    float16 parameter (stochastic rounding to float16 is not offered: it would silently round those
+    to nearest)."""
     if not isinstance(bf16_stochastic_round, bool):
         raise TypeError(f"bf16_stochastic_round must be a bool, got {type(bf16_stochastic_round).__name__}")
     if not bf16_stochastic_round:
@@ -72,7 +74,7 @@ def check_stochastic_rounding(bf16_stochastic_round, state_dtype, param_groups: 
                          "there are float16 parameters; convert them to bfloat16, or leave "
                          "bf16_stochastic_round=False")
     bf16_states = state_dtype == torch.bfloat16 and bool(dtypes & set(STATE_DTYPE_PARAMS))
-    if torch.bfloat16 not in dtypes and not bf16_states:
+    if need_bf16 and torch.bfloat16 not in dtypes and not bf16_states:
         raise ValueError(f"bf16_stochastic_round=True, but there is no bfloat16 tensor to round: no parameter "
                          f"is bfloat16 (dtypes: {sorted(str(d) for d in dtypes)}) and state_dtype is "
                          f"{state_dtype}; use bfloat16 parameters or state_dtype=torch.bfloat16")

@@ -127,6 +127,13 @@ class AdamW(Optimizer):
             check_differentiable(param_group.get("differentiable", False))
             self._check_no_duplicates(param_group)
         super().add_param_group(param_group)
+        try:  # no float16 parameters with stochastic rounding (whether anything is bfloat16 is
+            # checked once all of the constructor's groups exist)
+            check_stochastic_rounding(getattr(self, "bf16_stochastic_round", False), self.state_dtype,
+                                      [self.param_groups[-1]], need_bf16=False)
+        except ValueError:
+            self.param_groups.pop()
+            raise
 
     @staticmethod
     def _check_no_duplicates(param_group: dict[str, Any]) -> None:
