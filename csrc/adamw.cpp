@@ -17,6 +17,10 @@
 // loads are staged likewise). On x86-64 Linux with GCC the chunk function is also compiled for AVX2
 // and picked at load time. No FMA anywhere, so all paths round alike and results do not depend on
 // the CPU, the thread count or where a vector loop's tail begins.
+//
+// Stochastic rounding (sr_seed given, kSR): a block's Philox words (csrc/adamw.h's layout: a block
+// starts on a multiple of four elements, so it holds whole element groups) are computed in a loop
+// of their own before the stores, which then round bfloat16 tensors by adamw_sr_bf16_bits.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -148,6 +152,11 @@ inline void store_acc(c10::BFloat16& dst, float x) {
   dst = c10::BFloat16(static_cast<uint16_t>((0x7FC0u & is_nan) | (rounded & ~is_nan)), c10::BFloat16::from_bits());
 }
 
+// x rounded to bfloat16 stochastically with the 16-bit random value r16.
+inline void store_acc_sr(c10::BFloat16& dst, float x, uint32_t r16) {
+  dst = c10::BFloat16(adamw_sr_bf16_bits(x, r16), c10::BFloat16::from_bits());
+}
+
 inline void store_acc(c10::Half& dst, float x) {
   // Scaling |x| by 2^112 then 2^-110 rounds it at half precision's position (and overflows to
   // inf); adding a power of two with the right exponent then aligns the rounded mantissa.
@@ -187,7 +196,112 @@ struct BlockOperand {
       for (int i = 0; i < n; ++i) store_acc(dst[i], staging[i]);
     }
   }
+
+  // store() for a bfloat16 tensor, stochastically: element i with (words[i] >> shift) & 0xFFFF.
+  void store_sr(int64_t base, int n, const uint32_t* words, int shift) {
+    static_assert(std::is_same_v<T, c10::BFloat16> && kStaged);
+    T* __restrict dst = tensor + base;
+    for (int i = 0; i < n; ++i) store_acc_sr(dst[i], staging[i], (words[i] >> shift) & 0xFFFFu);
+  }
 };
+
+// Where a kSR chunk's random words come from: the seed's round keys, the tensor's id, the chunk's
+// first element.
+struct SRStream {
+  PhiloxKeys keys{};
+  uint32_t tensor_id = 0;
+  int64_t first = 0;
+};
+
+// Philox4x32-10 rounds (csrc/common/philox.h) over n counters held as four arrays, in place.
+// AVX2 where the CPU has it: 8 counters per vector, the 32 x 32 -> 64-bit products by
+// _mm256_mul_epu32 on the even and odd lanes (the compiler does not vectorize the widening
+// multiplies itself, and one counter at a time the rounds cost ~10x the rest of the update).
+void philox_rounds_scalar(uint32_t* c0, uint32_t* c1, uint32_t* c2, uint32_t* c3, int n, const PhiloxKeys& keys) {
+  for (int q = 0; q < n; ++q) {
+    const Philox4x32Words w = philox4x32_10(c0[q], c1[q], c2[q], c3[q], keys);
+    c0[q] = w.w[0];
+    c1[q] = w.w[1];
+    c2[q] = w.w[2];
+    c3[q] = w.w[3];
+  }
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define FUSEDREG_ADAMW_AVX2_PHILOX 1
+
+// (hi, lo) 32-bit halves of m * x for eight uint32 lanes x.
+__attribute__((target("avx2"))) inline void mulhilo_avx2(__m256i x, __m256i m, __m256i& hi, __m256i& lo) {
+  const __m256i even = _mm256_mul_epu32(x, m);                        // lanes 0, 2, 4, 6 as 64 bits
+  const __m256i odd = _mm256_mul_epu32(_mm256_srli_epi64(x, 32), m);  // lanes 1, 3, 5, 7
+  hi = _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
+  lo = _mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0xAA);
+}
+
+__attribute__((target("avx2"))) void philox_rounds_avx2(uint32_t* c0, uint32_t* c1, uint32_t* c2, uint32_t* c3,
+                                                        int n, const PhiloxKeys& keys) {
+  const __m256i m0 = _mm256_set1_epi32(static_cast<int>(kPhiloxM0));
+  const __m256i m1 = _mm256_set1_epi32(static_cast<int>(kPhiloxM1));
+  int q = 0;
+  for (; q + 8 <= n; q += 8) {
+    // (no lambdas here: they would not inherit the avx2 target)
+    __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c0 + q));
+    __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c1 + q));
+    __m256i x2 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c2 + q));
+    __m256i x3 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c3 + q));
+    for (int round = 0; round < kPhiloxRounds; ++round) {
+      __m256i hi0, lo0, hi1, lo1;
+      mulhilo_avx2(x0, m0, hi0, lo0);
+      mulhilo_avx2(x2, m1, hi1, lo1);
+      x0 = _mm256_xor_si256(_mm256_xor_si256(hi1, x1), _mm256_set1_epi32(static_cast<int>(keys.k0[round])));
+      x1 = lo1;
+      x2 = _mm256_xor_si256(_mm256_xor_si256(hi0, x3), _mm256_set1_epi32(static_cast<int>(keys.k1[round])));
+      x3 = lo0;
+    }
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(c0 + q), x0);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(c1 + q), x1);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(c2 + q), x2);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(c3 + q), x3);
+  }
+  philox_rounds_scalar(c0 + q, c1 + q, c2 + q, c3 + q, n - q, keys);
+}
+
+bool cpu_has_avx2() {
+  static const bool has_avx2 = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") != 0;
+  }();
+  return has_avx2;
+}
+#endif
+
+// Words A (pair 0) or B (pair 1) of the kBlock elements from `first` (first % 4 == 0) into words.
+void sr_block_words(const SRStream& sr, int64_t first, uint32_t pair, uint32_t* words) {
+  constexpr int kGroups = kBlock / 4;
+  uint32_t c0[kGroups], c1[kGroups], c2[kGroups], c3[kGroups];
+  for (int q = 0; q < kGroups; ++q) {
+    const uint64_t group = static_cast<uint64_t>(first) / 4 + q;
+    c0[q] = static_cast<uint32_t>(group);
+    c1[q] = static_cast<uint32_t>(group >> 32);
+    c2[q] = sr.tensor_id;
+    c3[q] = pair;
+  }
+#if defined(FUSEDREG_ADAMW_AVX2_PHILOX)
+  if (cpu_has_avx2()) {
+    philox_rounds_avx2(c0, c1, c2, c3, kGroups, sr.keys);
+  } else {
+    philox_rounds_scalar(c0, c1, c2, c3, kGroups, sr.keys);
+  }
+#else
+  philox_rounds_scalar(c0, c1, c2, c3, kGroups, sr.keys);
+#endif
+  for (int q = 0; q < kGroups; ++q) {
+    words[4 * q] = c0[q];
+    words[4 * q + 1] = c1[q];
+    words[4 * q + 2] = c2[q];
+    words[4 * q + 3] = c3[q];
+  }
+}
 
 // An operand's block as the update loop reads it: the tensor itself (converted in the loop), or for
 // float16, whose conversion fused into the loop defeats the vectorizer, converted first by a loop
@@ -213,9 +327,13 @@ struct BlockInput {
 // converting loads), SIMD square roots, the second half (adamw_param, with the converting store of
 // the parameter), then the staged moments' stores. Every loop vectorizes. vmax is used only when
 // kAmsgrad.
-template <bool kAmsgrad, typename param_t, typename state_t>
+template <bool kAmsgrad, bool kSR, typename param_t, typename state_t>
 FUSEDREG_CPU_CLONES void adamw_chunk_cpu(param_t* p, const param_t* g, state_t* m, state_t* v, state_t* vmax,
-                                         int64_t n, const AdamWScalars<acc_t<param_t>>& scalars) {
+                                         int64_t n, const AdamWScalars<acc_t<param_t>>& scalars,
+                                         const SRStream& sr) {
+  constexpr bool kParamSR = kSR && std::is_same_v<param_t, c10::BFloat16>;
+  constexpr bool kStateSR = kSR && std::is_same_v<state_t, c10::BFloat16>;
+  uint32_t word_a[kSR ? kBlock : 1], word_b[kStateSR ? kBlock : 1];
   using acc = acc_t<param_t>;
   const AdamWScalars<acc> s = scalars;  // a local copy: the stores below cannot alias it
   acc decayed[kBlock], root[kBlock];
@@ -254,16 +372,33 @@ FUSEDREG_CPU_CLONES void adamw_chunk_cpu(param_t* p, const param_t* g, state_t* 
     }
     sqrt_inplace(root, len);
     param_t* p_out = p + base;
-    for (int i = 0; i < len; ++i) store_acc(p_out[i], adamw_param(decayed[i], exp_avg[i], root[i], s));
-    exp_avg_block.store(base, len);
-    exp_avg_sq_block.store(base, len);
-    if constexpr (kAmsgrad) max_exp_avg_sq_block.store(base, len);
+    if constexpr (kSR) {  // a whole block's words, also for a shorter last block
+      sr_block_words(sr, sr.first + base, 0, word_a);
+      if constexpr (kStateSR) sr_block_words(sr, sr.first + base, 1, word_b);
+    }
+    if constexpr (kParamSR) {
+      for (int i = 0; i < len; ++i) {
+        store_acc_sr(p_out[i], adamw_param(decayed[i], exp_avg[i], root[i], s), word_a[i] & 0xFFFFu);
+      }
+    } else {
+      for (int i = 0; i < len; ++i) store_acc(p_out[i], adamw_param(decayed[i], exp_avg[i], root[i], s));
+    }
+    if constexpr (kStateSR) {
+      exp_avg_block.store_sr(base, len, word_a, 16);
+      exp_avg_sq_block.store_sr(base, len, word_b, 0);
+      if constexpr (kAmsgrad) max_exp_avg_sq_block.store_sr(base, len, word_b, 16);
+    } else {
+      exp_avg_block.store(base, len);
+      exp_avg_sq_block.store(base, len);
+      if constexpr (kAmsgrad) max_exp_avg_sq_block.store(base, len);
+    }
   }
 }
 
-template <int Depth, typename param_t, typename state_t>
+template <int Depth, bool kSR, typename param_t, typename state_t>
 void adamw_step_cpu_typed(const std::array<at::TensorList, Depth>& lists,
-                          const std::vector<AdamWScalars<acc_t<param_t>>>& scalars) {
+                          const std::vector<AdamWScalars<acc_t<param_t>>>& scalars, const int64_t* sr_seed,
+                          at::IntArrayRef sr_tensor_ids) {
   constexpr bool kAmsgrad = Depth == 5;
   for_each_table<Depth>(lists, kAdamWChunkSize, [&](const MultiTensorTable<Depth>& table) {
     int64_t elements = 0;
@@ -273,12 +408,18 @@ void adamw_step_cpu_typed(const std::array<at::TensorList, Depth>& lists,
     at::parallel_for(0, table.num_blocks, grain, [&](int64_t first, int64_t last) {
       for (int64_t block = first; block < last; ++block) {
         const MultiTensorChunk chunk = table.chunk_of(static_cast<int>(block));
-        adamw_chunk_cpu<kAmsgrad>(table.template chunk_data<param_t>(0, chunk),
+        SRStream sr;
+        if constexpr (kSR) {
+          sr.keys = philox_keys(static_cast<uint64_t>(*sr_seed));
+          sr.tensor_id = adamw_sr_tensor_id(sr_tensor_ids, static_cast<size_t>(chunk.tensor));
+          sr.first = chunk.begin;
+        }
+        adamw_chunk_cpu<kAmsgrad, kSR>(table.template chunk_data<param_t>(0, chunk),
                                   table.template chunk_data<const param_t>(1, chunk),
                                   table.template chunk_data<state_t>(2, chunk),
                                   table.template chunk_data<state_t>(3, chunk),
                                   kAmsgrad ? table.template chunk_data<state_t>(Depth - 1, chunk) : nullptr,
-                                  chunk.size, scalars[chunk.tensor]);
+                                  chunk.size, scalars[chunk.tensor], sr);
       }
     });
   });
@@ -288,7 +429,8 @@ template <typename param_t, typename state_t>
 void adamw_step_cpu_dispatch_depth(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                                    at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
                                    at::TensorList steps, const at::Tensor& hparams, bool amsgrad,
-                                   bool maximize, const ScalarRef& grad_scale, const ScalarRef& clip_coef) {
+                                   bool maximize, const ScalarRef& grad_scale, const ScalarRef& clip_coef,
+                                   const int64_t* sr_seed, at::IntArrayRef sr_tensor_ids) {
   using acc = acc_t<param_t>;
   const double scale = grad_scale.ptr ? grad_scale.read() : 1.0;
   const double coef = clip_coef.ptr ? clip_coef.read() : 1.0;
@@ -298,34 +440,48 @@ void adamw_step_cpu_dispatch_depth(at::TensorList params, at::TensorList grads, 
     scalars[i] = adamw_scalars<acc>(rows + i * kAdamWHparams, *steps[i].const_data_ptr<float>(), scale,
                                     coef, maximize);
   }
-  if (amsgrad) {
-    adamw_step_cpu_typed<5, param_t, state_t>({params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs}, scalars);
-  } else {
-    adamw_step_cpu_typed<4, param_t, state_t>({params, grads, exp_avgs, exp_avg_sqs}, scalars);
+  auto run = [&](auto sr) {
+    constexpr bool kSR = decltype(sr)::value;
+    if (amsgrad) {
+      adamw_step_cpu_typed<5, kSR, param_t, state_t>({params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs},
+                                                     scalars, sr_seed, sr_tensor_ids);
+    } else {
+      adamw_step_cpu_typed<4, kSR, param_t, state_t>({params, grads, exp_avgs, exp_avg_sqs}, scalars, sr_seed,
+                                                     sr_tensor_ids);
+    }
+  };
+  if constexpr (std::is_same_v<param_t, c10::BFloat16> || std::is_same_v<state_t, c10::BFloat16>) {
+    if (sr_seed != nullptr) return run(std::true_type{});
   }
+  run(std::false_type{});
 }
 
 // Contract: one AdamW step (torch.optim.AdamW's math, fp32 for float32/float16/bfloat16 params, fp64
 // for float64 ones) over CPU tensors; see fusedreg/_library.py for the arguments. Mutates params,
 // exp_avgs, exp_avg_sqs and, when amsgrad, max_exp_avg_sqs, each element rounded once to its dtype;
 // returns nothing. grads have the params' dtype; states the params' dtype or, for float16/bfloat16
-// params, float32. A nonzero found_inf (read here: CPU memory) leaves everything untouched.
+// params, float32 (and float32/float16 params bfloat16). A nonzero found_inf (read here: CPU
+// memory) leaves everything untouched. With sr_seed (int64 [1]), every bfloat16 tensor is written
+// by stochastic rounding (csrc/adamw.h's stream).
 void adamw_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                     at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList steps,
                     const at::Tensor& hparams, bool amsgrad, bool maximize,
                     const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
-                    const std::optional<at::Tensor>& clip_coef) {
+                    const std::optional<at::Tensor>& clip_coef, const std::optional<at::Tensor>& sr_seed,
+                    at::IntArrayRef sr_tensor_ids) {
   const at::ScalarType state_dtype = check_adamw_args(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
                                                       steps, hparams, amsgrad, at::kCPU);
   const at::Device device = params[0].device();
   const ScalarRef scale = adamw_scalar_ref(grad_scale, device, "grad_scale");
   const ScalarRef inf = adamw_scalar_ref(found_inf, device, "found_inf");
   const ScalarRef coef = adamw_scalar_ref(clip_coef, device, "clip_coef");
+  const int64_t* seed = check_adamw_sr_args(params, state_dtype, sr_seed, sr_tensor_ids);
   if (inf.ptr && inf.read() != 0.0) return;
 
   adamw_dispatch_types(params[0].scalar_type(), state_dtype, [&](auto param_tag, auto state_tag) {
     adamw_step_cpu_dispatch_depth<decltype(param_tag), decltype(state_tag)>(
-        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, hparams, amsgrad, maximize, scale, coef);
+        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, hparams, amsgrad, maximize, scale, coef,
+        seed, sr_tensor_ids);
   });
 }
 

@@ -9,10 +9,34 @@
 // storage dtype once (states may be float32 under float16/bfloat16 params). The order of operations
 // is torch.optim.AdamW's single-tensor path, so fp32 results differ from it only where a multiply
 // and an add are contracted into an FMA (by nvcc here, by torch's own vectorized CPU kernels there).
+//
+// Stochastic rounding (pure-bf16 training; the op's sr_seed): every bfloat16 tensor of the call
+// (params, moments) is written from its float32 value v as bits = (bits(v) + r) >> 16, r a 16-bit
+// random value: rounded away from zero with probability (discarded fraction) / 2**16, so unbiased.
+// NaN gives 0x7FC0 (as rounding to nearest does), inf stays inf (its low bits are zero, no carry),
+// and a finite value above the largest bfloat16 rounds to inf with the probability of its fraction
+// (as torchao's and llm.c's rounding do). The random bits (cuda, triton, cpu and reference all
+// implement exactly this, csrc/common/philox.h's Philox4x32-10):
+//   - key = the step's 64-bit seed (k0 = low word, k1 = high word), an int64 device tensor drawn
+//     from torch's generator once per optimizer step;
+//   - t = sr_tensor_ids[i] (default i), which the optimizer sets to the parameter's index in its
+//     flat parameter order (param groups in order, parameters in order, with or without a
+//     gradient), so a tensor's bits do not depend on the dtype bucket or call it is stepped in;
+//   - element e of the tensor (memory order) is lane e % 4 of group j = e / 4, and its words are
+//     A = philox(counter = (j mod 2**32, j >> 32, t, 0), key), B = the same with counter word 3 = 1;
+//   - r = A[lane] & 0xFFFF for the parameter, A[lane] >> 16 for exp_avg, B[lane] & 0xFFFF for
+//     exp_avg_sq, B[lane] >> 16 for max_exp_avg_sq.
+// One Philox call thus serves four elements' parameter and first moment, as dropout's four
+// elements (only the calls a dtype pair needs are made: A for bfloat16 params, A and B for
+// bfloat16 states). Dropout's counters have word 2 = 0; ours have the tensor index there.
+// For results bit-identical across backends the CUDA kernel's stochastic-rounding variant also
+// rounds every product and sum (no FMA contraction), like the other backends; the round-to-nearest
+// kernels keep their FMAs.
 #pragma once
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <optional>
 #include <type_traits>
 
@@ -21,6 +45,7 @@
 
 #include "common/checks.h"
 #include "common/dispatch.h"
+#include "common/philox.h"
 #include "common/vec.cuh"
 
 namespace fusedreg {
@@ -91,11 +116,32 @@ FUSEDREG_HOST_DEVICE inline AdamWScalars<acc> adamw_scalars(const double* hparam
   return s;
 }
 
+// a * b and a + b, each rounded on its own when kExact: on the device __fmul_rn / __fadd_rn, which
+// nvcc never contracts into an FMA; on the host plain operators (the CPU build contracts nothing).
+template <bool kExact, typename acc>
+FUSEDREG_HOST_DEVICE inline acc adamw_mul(acc a, acc b) {
+#if defined(__CUDA_ARCH__)
+  if constexpr (kExact && std::is_same_v<acc, float>) return __fmul_rn(a, b);
+  if constexpr (kExact && std::is_same_v<acc, double>) return __dmul_rn(a, b);
+#endif
+  return a * b;
+}
+
+template <bool kExact, typename acc>
+FUSEDREG_HOST_DEVICE inline acc adamw_add(acc a, acc b) {
+#if defined(__CUDA_ARCH__)
+  if constexpr (kExact && std::is_same_v<acc, float>) return __fadd_rn(a, b);
+  if constexpr (kExact && std::is_same_v<acc, double>) return __dadd_rn(a, b);
+#endif
+  return a + b;
+}
+
 // lerp(exp_avg, grad, 1 - beta1) with the form adamw_scalars chose. Only the base is selected per
 // element, between two values already computed, so a CPU loop needs no branch and vectorizes.
-template <typename acc>
+template <bool kExact = false, typename acc>
 FUSEDREG_HOST_DEVICE inline acc adamw_lerp(acc exp_avg, acc grad, const AdamWScalars<acc>& s) {
   const acc base = s.lerp_from_grad ? grad : exp_avg;
+  if constexpr (kExact) return adamw_add<true>(base, adamw_mul<true>(s.lerp_coef, grad - exp_avg));
   return base + s.lerp_coef * (grad - exp_avg);
 }
 
@@ -113,14 +159,25 @@ FUSEDREG_HOST_DEVICE inline acc adamw_nan_max(acc a, acc b) {
 //   param  = adamw_param(param, exp_avg, sqrt(second), s);
 // adamw_moments applies weight decay to param and updates the moments in place (max_exp_avg_sq
 // only when kAmsgrad); it returns the second moment the denominator uses. kDivideGrad must be
-// s.grad_divide (a template argument so that loops hoist the choice).
-template <bool kAmsgrad, bool kDivideGrad, typename acc>
+// s.grad_divide (a template argument so that loops hoist the choice). kExact: no FMA contraction
+// on the device (see adamw_mul), for results bit-identical to the other backends.
+template <bool kAmsgrad, bool kDivideGrad, bool kExact = false, typename acc>
 FUSEDREG_HOST_DEVICE inline acc adamw_moments(acc& param, acc grad, acc& exp_avg, acc& exp_avg_sq,
                                               acc& max_exp_avg_sq, const AdamWScalars<acc>& s) {
-  grad = (kDivideGrad ? grad / s.grad_scale : grad * s.grad_inv_scale) * s.grad_coef;
-  param = param * s.decay;
-  exp_avg = adamw_lerp(exp_avg, grad, s);
-  exp_avg_sq = exp_avg_sq * s.beta2 + s.one_minus_beta2 * grad * grad;
+  if constexpr (kExact) {  // products that would otherwise contract into later adds
+    grad = adamw_mul<true>(kDivideGrad ? grad / s.grad_scale : adamw_mul<true>(grad, s.grad_inv_scale), s.grad_coef);
+    param = adamw_mul<true>(param, s.decay);
+  } else {
+    grad = (kDivideGrad ? grad / s.grad_scale : grad * s.grad_inv_scale) * s.grad_coef;
+    param = param * s.decay;
+  }
+  exp_avg = adamw_lerp<kExact>(exp_avg, grad, s);
+  if constexpr (kExact) {
+    exp_avg_sq = adamw_add<true>(adamw_mul<true>(exp_avg_sq, s.beta2),
+                                 adamw_mul<true>(adamw_mul<true>(s.one_minus_beta2, grad), grad));
+  } else {
+    exp_avg_sq = exp_avg_sq * s.beta2 + s.one_minus_beta2 * grad * grad;
+  }
   if constexpr (kAmsgrad) {
     max_exp_avg_sq = adamw_nan_max(max_exp_avg_sq, exp_avg_sq);
     return max_exp_avg_sq;
@@ -128,11 +185,44 @@ FUSEDREG_HOST_DEVICE inline acc adamw_moments(acc& param, acc grad, acc& exp_avg
   return exp_avg_sq;
 }
 
-template <typename acc>
+template <bool kExact = false, typename acc>
 FUSEDREG_HOST_DEVICE inline acc adamw_param(acc decayed_param, acc exp_avg, acc sqrt_second_moment,
                                             const AdamWScalars<acc>& s) {
+  if constexpr (kExact) {
+    const acc denom = adamw_add<true>(sqrt_second_moment / s.bias_correction2_sqrt, s.eps);
+    return adamw_add<true>(decayed_param, -(adamw_mul<true>(s.step_size, exp_avg) / denom));
+  }
   const acc denom = sqrt_second_moment / s.bias_correction2_sqrt + s.eps;
   return decayed_param - s.step_size * exp_avg / denom;
+}
+
+// ---------------------------------------------------------------------- stochastic rounding
+
+// The Philox words of one element group (the layout in the header comment): pair 0 = A (param,
+// exp_avg), pair 1 = B (exp_avg_sq, max_exp_avg_sq).
+FUSEDREG_HOST_DEVICE inline Philox4x32Words adamw_sr_words(uint64_t seed, uint32_t tensor_id, uint64_t group,
+                                                           uint32_t pair) {
+  return philox4x32_10(static_cast<uint32_t>(group), static_cast<uint32_t>(group >> 32), tensor_id, pair,
+                       static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
+}
+
+// adamw_sr_words with the seed's round keys given (philox_keys(seed)): a kernel that draws many
+// groups under one seed derives them once.
+FUSEDREG_HOST_DEVICE inline Philox4x32Words adamw_sr_words(const PhiloxKeys& keys, uint32_t tensor_id,
+                                                           uint64_t group, uint32_t pair) {
+  return philox4x32_10(static_cast<uint32_t>(group), static_cast<uint32_t>(group >> 32), tensor_id, pair, keys);
+}
+
+// float32 -> bfloat16 bits by stochastic rounding with the 16-bit random value r16. (The NaN test
+// on the float: one compare, where a test of the bits would take two instructions.)
+FUSEDREG_HOST_DEVICE inline uint16_t adamw_sr_bf16_bits(float x, uint32_t r16) {
+#if defined(__CUDA_ARCH__)
+  const uint32_t bits = __float_as_uint(x);
+#else
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof(bits));
+#endif
+  return x != x ? uint16_t(0x7FC0u) : static_cast<uint16_t>((bits + r16) >> 16);
 }
 
 // ---------------------------------------------------------------------------- host side
@@ -142,12 +232,15 @@ void adamw_with_state_type(at::ScalarType state_dtype, const F& f) {
   if constexpr (std::is_same_v<param_t, at::Half> || std::is_same_v<param_t, at::BFloat16>) {
     if (state_dtype == at::kFloat) return f(param_t{}, float{});
   }
+  if constexpr (std::is_same_v<param_t, float> || std::is_same_v<param_t, at::Half>) {
+    if (state_dtype == at::kBFloat16) return f(param_t{}, at::BFloat16{});
+  }
   f(param_t{}, param_t{});
 }
 
 // Calls f(param_t{}, state_t{}) for the storage types of the call: (float, float), (double,
-// double), (Half, Half), (BFloat16, BFloat16), (Half, float), (BFloat16, float), the pairs
-// check_adamw_args admits.
+// double), (Half, Half), (BFloat16, BFloat16), (Half, float), (BFloat16, float), (float, BFloat16),
+// (Half, BFloat16), the pairs check_adamw_args admits.
 template <typename F>
 void adamw_dispatch_types(at::ScalarType param_dtype, at::ScalarType state_dtype, const F& f) {
   FUSEDREG_DISPATCH_FLOATING(param_dtype, "adamw_step_", [&] { adamw_with_state_type<scalar_t>(state_dtype, f); });
@@ -201,9 +294,11 @@ inline at::ScalarType check_adamw_args(at::TensorList params, at::TensorList gra
   check_same_length(params, "params", exp_avgs, "exp_avgs");
   const at::ScalarType state_dtype = exp_avgs[0].scalar_type();
   const bool low_precision = param_dtype == at::kHalf || param_dtype == at::kBFloat16;
-  TORCH_CHECK(state_dtype == param_dtype || (low_precision && state_dtype == at::kFloat),
+  const bool bf16_states_ok = low_precision || param_dtype == at::kFloat;
+  TORCH_CHECK(state_dtype == param_dtype || (low_precision && state_dtype == at::kFloat) ||
+                  (bf16_states_ok && state_dtype == at::kBFloat16),
               "exp_avgs[0] has dtype ", state_dtype, "; optimizer states must have the params' dtype (",
-              param_dtype, ")", low_precision ? " or float32" : "");
+              param_dtype, ")", low_precision ? ", float32" : "", bf16_states_ok ? " or bfloat16" : "");
   const char* state_rule = "all optimizer states share exp_avgs[0]'s dtype";
   check_adamw_partner_list(params, exp_avgs, "exp_avgs", state_dtype, state_rule);
   check_adamw_partner_list(params, exp_avg_sqs, "exp_avg_sqs", state_dtype, state_rule);
@@ -230,6 +325,36 @@ inline at::ScalarType check_adamw_args(at::TensorList params, at::TensorList gra
   check_contiguous(hparams, "hparams");
   check_device(hparams, device, "hparams");
   return state_dtype;
+}
+
+// Checks sr_seed / sr_tensor_ids (fusedreg/reference/adamw.py words them alike) and returns the
+// seed's address (null: round to nearest).
+inline const int64_t* check_adamw_sr_args(at::TensorList params, at::ScalarType state_dtype,
+                                          const std::optional<at::Tensor>& sr_seed,
+                                          at::IntArrayRef sr_tensor_ids) {
+  if (!sr_seed.has_value() || !sr_seed->defined()) {
+    TORCH_CHECK(sr_tensor_ids.empty(), "sr_tensor_ids given without sr_seed");
+    return nullptr;
+  }
+  TORCH_CHECK(sr_seed->numel() == 1 && sr_seed->scalar_type() == at::kLong,
+              "sr_seed must be an int64 tensor of one element, got ", sr_seed->scalar_type(), " of shape ",
+              sr_seed->sizes());
+  check_device(*sr_seed, params[0].device(), "sr_seed");
+  TORCH_CHECK(params[0].scalar_type() == at::kBFloat16 || state_dtype == at::kBFloat16,
+              "sr_seed given, but neither params (", params[0].scalar_type(), ") nor optimizer states (",
+              state_dtype, ") are bfloat16: stochastic rounding has no bfloat16 tensor to round");
+  TORCH_CHECK(sr_tensor_ids.empty() || sr_tensor_ids.size() == params.size(),
+              "sr_tensor_ids must be empty or have one id per tensor (", params.size(), "), got ",
+              sr_tensor_ids.size());
+  for (const int64_t id : sr_tensor_ids) {
+    TORCH_CHECK(id >= 0 && id < (int64_t(1) << 32), "sr_tensor_ids must be in [0, 2**32)");
+  }
+  return sr_seed->const_data_ptr<int64_t>();
+}
+
+// Tensor i's id in the random stream.
+inline uint32_t adamw_sr_tensor_id(at::IntArrayRef sr_tensor_ids, size_t i) {
+  return static_cast<uint32_t>(sr_tensor_ids.empty() ? static_cast<int64_t>(i) : sr_tensor_ids[i]);
 }
 
 }  // namespace fusedreg

@@ -34,10 +34,13 @@ SCHEMAS: dict[str, str] = {
     # device, rows (lr, beta1, beta2, weight_decay, eps) per tensor (float64 so that 1 - beta2 and
     # the bias corrections are as exact as torch's Python-float ones); steps: per-tensor float32
     # scalars already counting this step. grads are divided by grad_scale and multiplied by
-    # clip_coef when given; a nonzero found_inf makes the step a no-op.
+    # clip_coef when given; a nonzero found_inf makes the step a no-op. sr_seed (int64 [1] on that
+    # device): bfloat16 tensors are written by stochastic rounding with Philox bits keyed by it,
+    # counter (element group, sr_tensor_ids[i] or i) (layout: csrc/adamw.h); else to nearest.
     "adamw_step_": ("(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
                     "Tensor(d!)[] max_exp_avg_sqs, Tensor[] steps, Tensor hparams, bool amsgrad, "
-                    "bool maximize, Tensor? grad_scale, Tensor? found_inf, Tensor? clip_coef) -> ()"),
+                    "bool maximize, Tensor? grad_scale, Tensor? found_inf, Tensor? clip_coef, "
+                    "Tensor? sr_seed=None, int[] sr_tensor_ids=[]) -> ()"),
     # sum(|x|^p) over all elements of all tensors (max |x| for p = inf), a float32 scalar (float64
     # for float64 tensors), computed in a fixed order so the same inputs give the bitwise same result
     "grad_norm_pow": "(Tensor[] tensors, float norm_type) -> Tensor",
@@ -100,7 +103,7 @@ def _fake_dropout_add_fwd(input, residual, bias, seed, p):
 
 
 def _fake_adamw_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, hparams,
-                      amsgrad, maximize, grad_scale, found_inf, clip_coef):
+                      amsgrad, maximize, grad_scale, found_inf, clip_coef, sr_seed=None, sr_tensor_ids=()):
     return None
 
 

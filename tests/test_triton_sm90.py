@@ -86,7 +86,7 @@ def dropout_cases():
 
 
 def adamw(dtype, state=None, sizes=(4096, 1000), misaligned=False, amsgrad=False, maximize=False,
-          scaler=False, clip=False, scalar=torch.float32):
+          scaler=False, clip=False, scalar=torch.float32, sr=False):
     def tensors(t):
         return [tensor((n,), t, misaligned=misaligned) for n in sizes]
     state = state or dtype
@@ -96,7 +96,7 @@ def adamw(dtype, state=None, sizes=(4096, 1000), misaligned=False, amsgrad=False
     op("adamw_step_")(tensors(dtype), tensors(dtype), tensors(state), tensors(state),
                       tensors(state) if amsgrad else [], steps, hparams, amsgrad, maximize,
                       one if scaler else None, torch.zeros(1, dtype=scalar) if scaler else None,
-                      one if clip else None)
+                      one if clip else None, seed() if sr else None)
 
 
 def adamw_cases():
@@ -105,6 +105,7 @@ def adamw_cases():
                 "all": {"amsgrad": True, "maximize": True, "scaler": True, "clip": True}}
     for dtype in DTYPES:
         states = [dtype] + ([torch.float32] if dtype in (torch.float16, torch.bfloat16) else [])
+        states += [torch.bfloat16] if dtype in (torch.float32, torch.float16) else []
         for state in states:
             yield (f"adamw {name(dtype)} states {name(state)}", lambda d=dtype, s=state: adamw(d, s),
                    {"vector": {_ADAMW: "ld st"}})
@@ -113,6 +114,13 @@ def adamw_cases():
             yield f"adamw {name(dtype)} {label}", lambda d=dtype, s=state, kw=kw: adamw(d, s, **kw), {}
         # no "scalar" expectation: the kernel picks its 16-byte path per tensor at run time
         yield f"adamw {name(dtype)} misaligned", lambda d=dtype, s=state: adamw(d, s, misaligned=True), {}
+    # stochastic rounding of bfloat16 params and/or moments (pure-bf16 training)
+    for dtype, state in ((torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32),
+                         (torch.float32, torch.bfloat16), (torch.float16, torch.bfloat16)):
+        yield (f"adamw {name(dtype)} states {name(state)} stochastic rounding",
+               lambda d=dtype, s=state: adamw(d, s, sr=True), {"vector": {_ADAMW: "ld st"}})
+    yield ("adamw bfloat16 all, stochastic rounding",
+           lambda: adamw(torch.bfloat16, sr=True, **variants["all"]), {})
     yield ("adamw float64 all, float64 scalars",
            lambda: adamw(torch.float64, scalar=torch.float64, **variants["all"]), {})
     yield "adamw one tensor of one element", lambda: adamw(torch.float32, sizes=(1,)), {}

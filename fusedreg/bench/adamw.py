@@ -6,6 +6,11 @@ Cases:
                 768; a 4-layer, 256-wide one on CPU): launch-bound on the small tensors, so it is
                 also timed as CUDA-graph replays (every optimizer that can be captured is built
                 with capturable=True)
+  adamw/pure_bf16  "pure bf16 + SR": bfloat16 parameters and moments, no fp32 master copy, written
+                by stochastic rounding: read p, g, m, v and write p, m, v = 14 B/param, against
+                torch's fused AdamW on float32 parameters of the same count (28 B/param, the memory
+                it replaces: target on a GPU >= 1.8x faster) and torch's AdamW on the bfloat16
+                parameters (round-to-nearest: the stall stochastic rounding fixes)
   adamw/host    the host time of one fusedreg[triton] step over 100 and 1,000 small parameters,
                 the kernel launch left out (prepare_step: argument checks + pointer table), on CPU
                 tensors: the Python work a GPU step pays before Triton's own launch overhead, with
@@ -159,6 +164,44 @@ register(Case(
     cuda_graph=True,
     note="GPT-2 parameter list, one step; floor 7 x itemsize bytes/param; "
          "fusedreg and torch fused built capturable=True (CUDA-graph replays)",
+))
+
+
+# ----------------------------------------------------------------------------- pure bf16 + SR
+
+def _pure_bf16(backend: str):
+    def setup(inputs):
+        opt = AdamW(_parameters(inputs), lr=LR, backend=backend, state_dtype=torch.bfloat16,
+                    bf16_stochastic_round=True)
+        return _stepper(opt)
+    return setup
+
+
+def _torch_as(dtype: torch.dtype, **kwargs):
+    """torch.optim.AdamW on the parameters (and gradients) converted to `dtype`."""
+    def setup(inputs):
+        values, grads = inputs
+        return _torch(**kwargs)(([v.to(dtype) for v in values], [g.to(dtype) for g in grads]))
+    return setup
+
+
+register(Case(
+    op="adamw", name="pure_bf16", make=_make_gpt2,
+    bytes_moved=lambda size, dtype: _floor_bytes(_gpt2_numel(size), torch.bfloat16),
+    impls={
+        "fusedreg[cuda] pure bf16 + SR": Impl(_pure_bf16("cuda"), devices=("cuda",)),
+        "fusedreg[cpu] pure bf16 + SR": Impl(_pure_bf16("cpu"), devices=("cpu",)),
+        "fusedreg[triton] pure bf16 + SR": Impl(_pure_bf16("triton"), devices=("cuda",)),
+        "torch AdamW(fused=True), fp32 params": Impl(_torch_as(torch.float32, fused=True)),
+        "torch AdamW(fused=True), bf16 params": Impl(_torch_as(torch.bfloat16, fused=True)),
+        "torch AdamW (default), bf16 params": Impl(_torch_as(torch.bfloat16)),
+    },
+    sizes={"cuda": [GPT2_124M], "cpu": [GPT2_CPU]},
+    quick_sizes={"cuda": [GPT2_124M], "cpu": [GPT2_CPU_QUICK]},
+    dtypes=(torch.bfloat16,),
+    size_label=_gpt2_label,
+    note="pure bf16 + SR: bfloat16 params and moments, stochastic rounding, 14 B/param (read 8, write 6; "
+         "GB/s counts these bytes for every row); torch fused on fp32 params of the same count moves 28",
 ))
 
 

@@ -142,7 +142,8 @@ def _classify(name: str, args: list[str], enums: dict | None) -> Kernel | bool |
         es, ams = _ELEM[types[1]], args[0] == "5"
         states = "" if types[1] == types[0] else f" ({_DTYPE[types[1]]} states)"
         moments = (3 if ams else 2) * es  # m, v (and max_v) read and written
-        return Kernel("adamw" + " amsgrad" * ams, dt + states, 2 * e + moments, e + moments)
+        sr = " +SR" if len(args) > 3 and args[3] == "true" else ""  # stochastic-rounding variant
+        return Kernel("adamw" + " amsgrad" * ams + sr, dt + states, 2 * e + moments, e + moments)
     if name == "multi_tensor_apply_kernel" and len(args) == 3:
         functor, fargs = template(args[2], enums)
         if functor == "ChunkPowSumFunctor":

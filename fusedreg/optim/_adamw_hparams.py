@@ -11,7 +11,11 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["to_scalar", "check_hyperparameters", "check_differentiable", "group_signatures", "hparam_rows"]
+__all__ = ["to_scalar", "check_hyperparameters", "check_differentiable", "check_state_dtype",
+           "check_stochastic_rounding", "group_signatures", "hparam_rows"]
+
+# parameter dtypes whose moments state_dtype applies to (float64 and complex keep their own)
+STATE_DTYPE_PARAMS = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def to_scalar(x):
@@ -46,6 +50,34 @@ def check_hyperparameters(lr, betas, eps, weight_decay, foreach, capturable) -> 
                                  "and foreach=True")
             if betas[index].numel() != 1:
                 raise ValueError(f"Tensor betas[{index}] must be 1-element")
+
+
+def check_state_dtype(state_dtype) -> None:
+    if state_dtype not in (None, torch.float32, torch.bfloat16):
+        raise ValueError(f"state_dtype must be None (the parameter's dtype), torch.float32 or torch.bfloat16, "
+                         f"got {state_dtype!r}")
+
+
+def check_stochastic_rounding(bf16_stochastic_round, state_dtype, param_groups: list[dict],
+                              need_bf16: bool = True) -> None:
+    """bf16_stochastic_round=True needs a bfloat16 tensor to round (a bfloat16 parameter, or
+    state_dtype=torch.bfloat16 with a parameter it applies to; checked when need_bf16) and no
+    float16 parameter (stochastic rounding to float16 is not offered: it would silently round those
+    to nearest)."""
+    if not isinstance(bf16_stochastic_round, bool):
+        raise TypeError(f"bf16_stochastic_round must be a bool, got {type(bf16_stochastic_round).__name__}")
+    if not bf16_stochastic_round:
+        return
+    dtypes = {p.dtype for group in param_groups for p in group["params"]}
+    if torch.float16 in dtypes:
+        raise ValueError("bf16_stochastic_round=True: stochastic rounding is offered for bfloat16 only, and "
+                         "there are float16 parameters; convert them to bfloat16, or leave "
+                         "bf16_stochastic_round=False")
+    bf16_states = state_dtype == torch.bfloat16 and bool(dtypes & set(STATE_DTYPE_PARAMS))
+    if need_bf16 and torch.bfloat16 not in dtypes and not bf16_states:
+        raise ValueError(f"bf16_stochastic_round=True, but there is no bfloat16 tensor to round: no parameter "
+                         f"is bfloat16 (dtypes: {sorted(str(d) for d in dtypes)}) and state_dtype is "
+                         f"{state_dtype}; use bfloat16 parameters or state_dtype=torch.bfloat16")
 
 
 def check_differentiable(differentiable) -> None:

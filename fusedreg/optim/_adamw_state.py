@@ -21,7 +21,7 @@ MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 class Bucket:
     """The tensors of one op call, plus what the call needs around it."""
     __slots__ = ("params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "steps", "all_steps",
-                 "runs", "writebacks", "sharded_grads")
+                 "runs", "writebacks", "sharded_grads", "ids")
 
     def __init__(self):
         self.params: list[torch.Tensor] = []
@@ -35,6 +35,12 @@ class Bucket:
         self.writebacks: list[tuple[torch.Tensor, torch.Tensor]] = []  # (non-dense param, dense copy)
         # DTensor parameters: (index its tensors get in the lists above, local grad, sharding group)
         self.sharded_grads: list[tuple[int, torch.Tensor, tuple]] = []
+        self.ids: list[int] = []  # of the tensors sent to the kernel: index in the optimizer's flat
+                                  # parameter order (their stochastic-rounding stream)
+
+    def rounds_stochastically(self) -> bool:
+        """Whether a stochastic-rounding step has a bfloat16 tensor to round in this bucket."""
+        return bool(self.params) and torch.bfloat16 in (self.params[0].dtype, self.exp_avgs[0].dtype)
 
 
 def refuse_state_in_capture(what: str) -> None:

@@ -34,6 +34,12 @@ Choices and their trade-offs:
 - DTensor parameters (FSDP2, tensor parallel) are stepped through their local shards, in the same
   buckets as plain ones; their moments are DTensors placed like them, and max_grad_norm's norm
   costs one all-reduce per sharding group (fusedreg/_dtensor.py).
+- Pure-bf16 training (bf16_stochastic_round=True, with bfloat16 parameters and/or
+  state_dtype=torch.bfloat16): bfloat16 tensors are written back from the float32 update by
+  stochastic rounding inside the same kernel, the random bits Philox-keyed by one seed per step
+  and device (an int64 device tensor from torch's generator: reproducible under
+  torch.manual_seed, fresh in every step and CUDA-graph replay) and each parameter's index in the
+  flat parameter order (layout: csrc/adamw.h): every backend gives bit-identical results.
 """
 from __future__ import annotations
 
@@ -44,15 +50,15 @@ from torch.optim import Optimizer
 
 from .. import _backend, _dtensor
 from ..ops._dispatch import kernel
+from ..ops.dropout import draw_seed
 from ..reference import adamw as reference
 from ..utils.clip import global_norm
-from ._adamw_hparams import (check_differentiable, check_hyperparameters, group_signatures, hparam_rows,
-                             to_scalar)
+from ._adamw_hparams import (STATE_DTYPE_PARAMS, check_differentiable, check_hyperparameters, check_state_dtype,
+                             check_stochastic_rounding, group_signatures, hparam_rows, to_scalar)
 from ._adamw_state import MOMENTS, Bucket, dense_views, refuse_state_in_capture, scalar_on, step_tensor
 
 __all__ = ["AdamW"]
 
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
 _COMPLEX = (torch.complex32, torch.complex64, torch.complex128)
 # Keys torch.optim.AdamW keeps in every param group, with the values it fills in for old checkpoints.
 _GROUP_DEFAULTS = {"amsgrad": False, "maximize": False, "foreach": None, "capturable": False,
@@ -75,9 +81,12 @@ class AdamW(Optimizer):
           docstring); the pre-clip norm of the last step is `last_grad_norm` (a tensor).
       backend: fusedreg backend for the update ("cuda", "triton", "cpu", "reference"; None: the
           selection rules of fusedreg.backends).
-      state_dtype: torch.float32 keeps exp_avg / exp_avg_sq / max_exp_avg_sq of float16 and
-          bfloat16 parameters in float32 (None: in the parameter's dtype, as torch; parameters of
-          other dtypes always have moments of their own dtype).
+      state_dtype: the dtype of exp_avg / exp_avg_sq / max_exp_avg_sq of float32, float16 and
+          bfloat16 parameters: None (the parameter's dtype, as torch), torch.float32 or
+          torch.bfloat16 (float64 and complex parameters always have moments of their own dtype).
+      bf16_stochastic_round: bfloat16 parameters and bfloat16 moments are written back from the
+          float32 update by stochastic rounding (unbiased; see the module docstring) instead of to
+          nearest, so that updates far below a bfloat16 ulp still move them on average.
     `foreach` and `fused` are accepted for compatibility and change nothing: the step is always one
     fused kernel per group (torch's constructor errors for their combinations are kept).
     `capturable=True` lets step() be captured in a CUDA graph, Tensor hyperparameters then read
@@ -92,19 +101,19 @@ class AdamW(Optimizer):
                  weight_decay: float = 1e-2, amsgrad: bool = False, *, maximize: bool = False,
                  foreach: bool | None = None, capturable: bool = False, differentiable: bool = False,
                  fused: bool | None = None, max_grad_norm: float | None = None,
-                 backend: str | None = None, state_dtype: torch.dtype | None = None) -> None:
+                 backend: str | None = None, state_dtype: torch.dtype | None = None,
+                 bf16_stochastic_round: bool = False) -> None:
         check_hyperparameters(lr, betas, eps, weight_decay, foreach, capturable)
         check_differentiable(differentiable)
         if fused and foreach:
             raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
         if max_grad_norm is not None and not 0.0 < float(max_grad_norm) < float("inf"):
             raise ValueError(f"Invalid max_grad_norm value: {max_grad_norm} (must be positive and finite)")
-        if state_dtype not in (None, torch.float32):
-            raise ValueError(f"state_dtype must be None (the parameter's dtype) or torch.float32, "
-                             f"got {state_dtype!r}")
+        check_state_dtype(state_dtype)
         self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
         self.backend = None if backend is None else _backend._check_name(backend)
         self.state_dtype = state_dtype
+        self.bf16_stochastic_round = bf16_stochastic_round
         self.last_grad_norm: torch.Tensor | None = None
         self._hparams_cache: dict[tuple, tuple] = {}
         defaults = dict(lr=lr, betas=(to_scalar(betas[0]), to_scalar(betas[1])), eps=eps,
@@ -112,6 +121,7 @@ class AdamW(Optimizer):
                         capturable=capturable, differentiable=differentiable, fused=fused,
                         decoupled_weight_decay=True)
         super().__init__(params, defaults)
+        check_stochastic_rounding(bf16_stochastic_round, state_dtype, self.param_groups)
 
     # ------------------------------------------------------------------ torch.optim plumbing
 
@@ -122,6 +132,13 @@ class AdamW(Optimizer):
             check_differentiable(param_group.get("differentiable", False))
             self._check_no_duplicates(param_group)
         super().add_param_group(param_group)
+        try:  # no float16 parameters with stochastic rounding (whether anything is bfloat16 is
+            # checked once all of the constructor's groups exist)
+            check_stochastic_rounding(getattr(self, "bf16_stochastic_round", False), self.state_dtype,
+                                      [self.param_groups[-1]], need_bf16=False)
+        except ValueError:
+            self.param_groups.pop()
+            raise
 
     @staticmethod
     def _check_no_duplicates(param_group: dict[str, Any]) -> None:
@@ -137,13 +154,14 @@ class AdamW(Optimizer):
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
-        state.update(max_grad_norm=self.max_grad_norm, backend=self.backend, state_dtype=self.state_dtype)
+        state.update(max_grad_norm=self.max_grad_norm, backend=self.backend, state_dtype=self.state_dtype,
+                     bf16_stochastic_round=self.bf16_stochastic_round)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         for name, value in (("max_grad_norm", None), ("backend", None), ("state_dtype", None),
-                            ("last_grad_norm", None)):
+                            ("last_grad_norm", None), ("bf16_stochastic_round", False)):
             self.__dict__.setdefault(name, value)
         self._hparams_cache = {}
         for group in self.param_groups:
@@ -171,7 +189,7 @@ class AdamW(Optimizer):
                     state[key] = saved[key].to(device=p.device, dtype=self._state_dtype(p))
 
     def _state_dtype(self, p: torch.Tensor) -> torch.dtype:
-        return self.state_dtype if self.state_dtype is not None and p.dtype in _LOW_PRECISION else p.dtype
+        return p.dtype if self.state_dtype is None or p.dtype not in STATE_DTYPE_PARAMS else self.state_dtype
 
     def _init_state(self, p: torch.Tensor, state: dict, amsgrad: bool) -> None:
         state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
@@ -219,6 +237,7 @@ class AdamW(Optimizer):
 
         signatures = group_signatures(self.param_groups)
         per_device: dict[torch.device, tuple] = {}
+        seeds: dict[torch.device, torch.Tensor] = {}
         for key, bucket in buckets.items():
             device = key[0]
             if device not in per_device:
@@ -233,9 +252,14 @@ class AdamW(Optimizer):
                 hparams = hparam_rows(self._hparams_cache, key, bucket.runs, self.param_groups, signatures,
                                       capturing)
                 op = kernel("adamw_step_", _backend.select(device, self.backend), reference)
+                rounding = ()
+                if self.bf16_stochastic_round and bucket.rounds_stochastically():
+                    if device not in seeds:  # one seed per step and device, on the device
+                        seeds[device] = draw_seed(device)
+                    rounding = (seeds[device], bucket.ids)
                 op(bucket.params, bucket.grads, bucket.exp_avgs, bucket.exp_avg_sqs,
                    bucket.max_exp_avg_sqs, bucket.steps, hparams, amsgrad, maximize,
-                   scale_d, found_d, coef_d)
+                   scale_d, found_d, coef_d, *rounding)
             for param, dense in bucket.writebacks:
                 param.copy_(dense)
         return loss
@@ -247,10 +271,12 @@ class AdamW(Optimizer):
         buckets: dict[tuple, Bucket] = {}
         states = self.state
         dtensor = _dtensor.dtensor_class()
+        flat_index = -1  # the parameter's index in the flat parameter order (its SR stream)
         for index, group in enumerate(self.param_groups):
             check_differentiable(group["differentiable"])
             amsgrad, maximize = bool(group["amsgrad"]), bool(group["maximize"])
             for p in group["params"]:
+                flat_index += 1
                 grad = p.grad
                 if grad is None:
                     continue
@@ -296,6 +322,7 @@ class AdamW(Optimizer):
                 if amsgrad:
                     bucket.max_exp_avg_sqs.append(max_exp_avg_sq)
                 bucket.steps.append(step)
+                bucket.ids.append(flat_index)
                 runs = bucket.runs
                 if runs and runs[-1][0] == index:
                     runs[-1][1] += 1
