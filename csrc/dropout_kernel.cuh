@@ -16,9 +16,9 @@
 //   fast    chunks start on Philox group boundaries, so a chunk's groups are exactly its words; a
 //           bias comes in whole rows, read per chunk with a 32-bit cursor;
 //   vector  any offset shared by every operand: a unit of two chunks (16 elements, all their
-//           16-byte loads in flight) starts `skew` words into a group and straddles one group
-//           more than it covers (5 Philox calls per 16 elements, words shifted into place by
-//           selects); any bias layout (a per-element cursor);
+//           16-byte loads in flight) starts lead % 4 words into a group and then straddles one
+//           group more than it covers (5 Philox calls per 16 elements; one loop per skew, so
+//           the words need no shifting); any bias layout (a per-element cursor);
 //   scalar  operands at different offsets within 16 bytes: element-wise accesses.
 // The RNG mode (random, keep-all for p = 0, drop-all for p = 1) is a template argument of the
 // loops, chosen once per thread, so the per-unit code tests nothing but the keep words. The mask
@@ -36,6 +36,7 @@
 // and the result stays bit-identical to the CPU kernel and the eager reference.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <type_traits>
 
@@ -113,6 +114,18 @@ __device__ __forceinline__ bool keep_word(uint32_t word, uint32_t threshold) {
   return kRng == Rng::kKeepAll;
 }
 
+// The seed's round keys, opaque to nvcc: it would otherwise re-derive inside the loops (seed +
+// round * Weyl constant, one instruction per key and unit) the keys it cannot keep in uniform
+// registers, about 2 instructions per element on the dropout_add loops.
+__device__ __forceinline__ PhiloxKeys pinned_keys(uint64_t seed) {
+  PhiloxKeys keys = philox_keys(seed);
+#pragma unroll
+  for (int round = 0; round < kPhiloxRounds; ++round) {
+    asm volatile("" : "+r"(keys.k0[round]), "+r"(keys.k1[round]));
+  }
+  return keys;
+}
+
 template <typename scalar_t>
 struct Operands {
   const scalar_t* x;         // [n] in the output's layout; may alias out (in place)
@@ -179,7 +192,7 @@ __device__ __forceinline__ void fast_chunks(const Operands<scalar_t>& ops, const
       b = b >= bias_size ? b - bias_size : b;
     }
     uint32_t w[kChunk] = {};
-    if constexpr (kRng == Rng::kRandom) unit_words<kChunk, false>(keys, group_of(args, m), 0u, w);
+    if constexpr (kRng == Rng::kRandom) unit_words<kChunk, 0>(keys, group_of(args, m), w);
     acc o[kChunk];
 #pragma unroll
     for (int j = 0; j < kChunk; ++j) o[j] = finish<kAdd>(v[j], r[j], keep_word<kRng>(w[j], threshold), scale);
@@ -188,11 +201,11 @@ __device__ __forceinline__ void fast_chunks(const Operands<scalar_t>& ops, const
 }
 
 // General loop, vector (kVec) or element-wise. Vector units are two chunks starting `lead`
-// elements past a 16-byte boundary, so they may straddle one Philox group more than they cover:
-// unit_words computes it and shifts the words by skew = lead % 4, the same for every unit.
-// Element-wise units are one chunk starting at 0, on group boundaries. The bias takes any layout:
-// a per-element cursor, 32-bit on the vector kernel (see plan_dropout_cuda).
-template <Rng kRng, bool kVec, bool kAdd, typename scalar_t, typename acc>
+// elements past a 16-byte boundary, kSkew = lead % 4 words into a Philox group, so they may
+// straddle one group more than they cover (unit_words). Element-wise units are one chunk starting
+// at 0, on group boundaries (kSkew 0). The bias takes any layout: a per-element cursor, 32-bit on
+// the vector kernel (see plan_dropout_cuda).
+template <Rng kRng, bool kVec, bool kAdd, int kSkew, typename scalar_t, typename acc>
 __device__ __forceinline__ void general_chunks(const Operands<scalar_t>& ops, const DropoutArgs<acc>& args,
                                                const PhiloxKeys& keys) {
   using index_t = std::conditional_t<kVec, uint32_t, int64_t>;
@@ -200,7 +213,6 @@ __device__ __forceinline__ void general_chunks(const Operands<scalar_t>& ops, co
   constexpr int kVecN = kVec ? vec_size<scalar_t>() : 1;
   const uint32_t step = gridDim.x * kThreads * kUnit;
   const uint32_t end = args.body_end;
-  const uint32_t skew = args.lead % kDropoutElemsPerGroup;  // 0 on the element-wise kernel
   const uint32_t threshold = args.threshold;
   const acc scale = args.scale;
   const auto stride = static_cast<index_t>(args.bias_stride), size = static_cast<index_t>(args.bias_size);
@@ -226,7 +238,7 @@ __device__ __forceinline__ void general_chunks(const Operands<scalar_t>& ops, co
       }
     }
     uint32_t w[kUnit] = {};
-    if constexpr (kRng == Rng::kRandom) unit_words<kUnit, kVec>(keys, group_of(args, m), skew, w);
+    if constexpr (kRng == Rng::kRandom) unit_words<kUnit, kSkew>(keys, group_of(args, m), w);
     acc o[kUnit];
 #pragma unroll
     for (int j = 0; j < kUnit; ++j) o[j] = finish<kAdd>(v[j], r[j], keep_word<kRng>(w[j], threshold), scale);
@@ -239,8 +251,13 @@ __device__ __forceinline__ void chunks(const Operands<scalar_t>& ops, const Drop
                                        const PhiloxKeys& keys) {
   if constexpr (kFast) {
     fast_chunks<kRng, kAdd>(ops, args, keys);
-  } else {
-    general_chunks<kRng, kVec, kAdd>(ops, args, keys);
+  } else if constexpr (kVec && kRng == Rng::kRandom) {  // the skews 16 bytes of scalar_t allow
+    constexpr int kMaxSkew = std::min<int>(vec_size<scalar_t>(), kDropoutElemsPerGroup) - 1;
+    with_skew<kMaxSkew>(args.lead % kDropoutElemsPerGroup, [&](auto skew) {
+      general_chunks<kRng, kVec, kAdd, decltype(skew)::value>(ops, args, keys);
+    });
+  } else {  // no Philox words, or element-wise units from element 0
+    general_chunks<kRng, kVec, kAdd, 0>(ops, args, keys);
   }
 }
 
@@ -256,7 +273,7 @@ dropout_fwd_kernel(const scalar_t* x,                          // [n] segment, o
                    const uint64_t* __restrict__ seed_ptr,      // [1] Philox key
                    const DropoutArgs<acc_t<scalar_t>> args) {
   static_assert(kVec || !kFast, "the fast kernel is a vector kernel");
-  const PhiloxKeys keys = philox_keys(*seed_ptr);
+  const PhiloxKeys keys = pinned_keys(*seed_ptr);
   const Operands<scalar_t> ops{x, residual, bias, out};
   edge_elements<kAdd>(ops, args, keys);
   // One uniform branch per thread; the loops themselves carry no mode test.

@@ -6,13 +6,16 @@
 // A unit is kUnit consecutive elements of a segment starting at element m, whose Philox words are
 // those of elements m .. m + kUnit - 1 of the layout: element i takes word i % 4 of group i / 4. On
 // the fast kernel m is a multiple of 4, so the unit's kUnit / 4 groups are exactly its words. On the
-// vector kernel m = 4 * g + skew with one skew for every unit of a launch (lead % 4): the unit
-// straddles kUnit / 4 + 1 groups, and element j takes flat word j + skew of them, picked with two
-// selects (skew & 1, then skew & 2) instead of an indexed register array (which would live in local
-// memory). A longer unit amortizes that extra group: 3 calls per 8 elements, 5 per 16.
+// vector kernel m = 4 * g + skew with one skew for every unit of a launch (lead % 4): a unit with a
+// nonzero skew straddles kUnit / 4 + 1 groups, and element j takes flat word j + skew of them. The
+// skew is a template argument (with_skew dispatches once per thread), so the words land in place
+// without selects: with a runtime skew, two selects per word (an indexed register array would
+// live in local memory) cost as much as a fifth of the unit's Philox calls. A longer unit
+// amortizes the extra group: 3 calls per 8 elements, 5 per 16.
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #include "common/philox.h"
 
@@ -24,35 +27,48 @@
 
 namespace fusedreg {
 
-// Philox groups a unit of kUnit elements (a multiple of 4) touches: kUnit / 4 when it starts on a
-// group boundary, one more when it may start `skew` words into its first group (kSkewed).
-template <int kUnit, bool kSkewed>
+// Philox groups a unit of kUnit elements (a multiple of 4) starting kSkew (< 4) words into its
+// first group touches.
+template <int kUnit, int kSkew>
 constexpr int unit_groups() {
-  static_assert(kUnit % kDropoutElemsPerGroup == 0, "a unit covers whole groups");
-  return kUnit / kDropoutElemsPerGroup + (kSkewed ? 1 : 0);
+  static_assert(kUnit % kDropoutElemsPerGroup == 0 && kSkew >= 0 && kSkew < kDropoutElemsPerGroup, "unit");
+  return kUnit / kDropoutElemsPerGroup + (kSkew != 0 ? 1 : 0);
 }
 
-// The keep words of the unit whose first element is word `skew` (< 4; 0 unless kSkewed) of Philox
-// group `first`: w[j] is the word of the unit's element j. The groups are computed unconditionally
-// (a branch around the last one makes nvcc split every multiply of the others into IMAD.HI + IMAD).
-template <int kUnit, bool kSkewed>
-FUSEDREG_HOST_DEVICE inline void unit_words(const PhiloxKeys& keys, uint64_t first, uint32_t skew, uint32_t* w) {
-  constexpr int kWords = unit_groups<kUnit, kSkewed>() * kDropoutElemsPerGroup;
-  uint32_t flat[kWords];
+// The keep words of the unit whose first element is word kSkew of Philox group `first`: w[j] is
+// the word of the unit's element j.
+template <int kUnit, int kSkew>
+FUSEDREG_HOST_DEVICE inline void unit_words(const PhiloxKeys& keys, uint64_t first, uint32_t* w) {
+  constexpr int kGroups = unit_groups<kUnit, kSkew>();
+  uint32_t flat[kGroups * kDropoutElemsPerGroup];
   FUSEDREG_DROPOUT_UNROLL
-  for (int g = 0; g < kWords / kDropoutElemsPerGroup; ++g) {
+  for (int g = 0; g < kGroups; ++g) {
     const Philox4x32Words words = dropout_group_words(keys, first + g);
     FUSEDREG_DROPOUT_UNROLL
     for (int k = 0; k < kDropoutElemsPerGroup; ++k) flat[g * kDropoutElemsPerGroup + k] = words.w[k];
   }
-  if constexpr (kSkewed) {  // flat[j + skew]: by 1 word if skew & 1, then by 2 if skew & 2
-    FUSEDREG_DROPOUT_UNROLL
-    for (int j = 0; j + 1 < kWords; ++j) flat[j] = (skew & 1) ? flat[j + 1] : flat[j];
-    FUSEDREG_DROPOUT_UNROLL
-    for (int j = 0; j < kUnit; ++j) flat[j] = (skew & 2) ? flat[j + 2] : flat[j];
-  }
   FUSEDREG_DROPOUT_UNROLL
-  for (int j = 0; j < kUnit; ++j) w[j] = flat[j];
+  for (int j = 0; j < kUnit; ++j) w[j] = flat[j + kSkew];
+}
+
+// f(std::integral_constant<int, skew>{}) for a runtime skew <= kMaxSkew (< 4): one instantiation
+// of f per skew a kernel can see (16 bytes hold 2, 4 or 8 elements: skews up to 1, 3, 3).
+template <int kMaxSkew, typename F>
+FUSEDREG_HOST_DEVICE inline void with_skew(uint32_t skew, F&& f) {
+  static_assert(kMaxSkew >= 0 && kMaxSkew < kDropoutElemsPerGroup, "skew");
+  if (skew == 0) {
+    f(std::integral_constant<int, 0>{});
+  } else if constexpr (kMaxSkew >= 1) {
+    if (skew == 1) {
+      f(std::integral_constant<int, 1>{});
+    } else if constexpr (kMaxSkew >= 2) {
+      if (skew == 2) {
+        f(std::integral_constant<int, 2>{});
+      } else if constexpr (kMaxSkew >= 3) {
+        f(std::integral_constant<int, 3>{});
+      }
+    }
+  }
 }
 
 // Word k (< 4) of a group, by selects (see unit_words).

@@ -2,7 +2,7 @@
 
 A small C++ program built with the host compiler runs every thread of a launch the way
 dropout_kernel.cuh does (edge elements, then grid-stride units whose keep words come from
-unit_words), over the segment dropout.h's dropout_segment gives the launcher. It checks that every
+unit_words for the skew with_skew picks), over the segment dropout.h's dropout_segment gives the launcher. It checks that every
 element is taken exactly once and that its keep bit is the layout's (word i % 4 of group i / 4),
 and prints the masks of segments at the tensor's start, which must equal the reference's
 (fusedreg.reference.philox.dropout_keep). No GPU is needed.
@@ -32,7 +32,7 @@ constexpr uint32_t kThreadsPerBlock = 256;  // dropout_kernel.cuh's kThreads
 
 // Every thread of a launch over the segment at `base` of an n-element tensor, as the kernel walks
 // it; keep[i] for each segment element, taken[i] how many threads took it.
-template <int kUnit, bool kSkewed>
+template <int kUnit, int kMaxSkew>
 void emulate(uint64_t seed, uint32_t threshold, int64_t n, int64_t lead, int64_t base, uint32_t blocks,
              std::vector<int>& keep, std::vector<int>& taken) {
   const DropoutSegment seg = dropout_segment(n, lead, kUnit, base);
@@ -50,19 +50,21 @@ void emulate(uint64_t seed, uint32_t threshold, int64_t n, int64_t lead, int64_t
       keep[e] = dropout_keep(group_word(w, e % kDropoutElemsPerGroup), threshold);
       ++taken[e];
     }
-    for (uint32_t m = first_unit<kUnit>(t, seg_lead); m < body_end; m += step) {
-      uint32_t w[kUnit];
-      unit_words<kUnit, kSkewed>(keys, segment_group(seg.group_lo, seg.group_hi, m), skew, w);
-      for (int j = 0; j < kUnit; ++j) {
-        keep[m + j] = dropout_keep(w[j], threshold);
-        ++taken[m + j];
+    with_skew<kMaxSkew>(skew, [&](auto kSkew) {
+      for (uint32_t m = first_unit<kUnit>(t, seg_lead); m < body_end; m += step) {
+        uint32_t w[kUnit];
+        unit_words<kUnit, decltype(kSkew)::value>(keys, segment_group(seg.group_lo, seg.group_hi, m), w);
+        for (int j = 0; j < kUnit; ++j) {
+          keep[m + j] = dropout_keep(w[j], threshold);
+          ++taken[m + j];
+        }
       }
-    }
+    });
   }
 }
 
 // Lines of: kind seed p n lead base blocks; kind 0..3 = units of 4, 8 (on group boundaries: the
-// fast kernel), 8, 16 (skewed: the vector kernel). Prints the mask of segments at base 0, checks
+// fast kernel), 8, 16 (any skew: the vector kernel, dispatched per thread as it does). Prints the mask of segments at base 0, checks
 // every segment against the layout definition.
 int main() {
   int kind;
@@ -75,10 +77,10 @@ int main() {
     const uint32_t threshold = dropout_threshold(p);
     std::vector<int> keep, taken;
     switch (kind) {
-      case 0: emulate<4, false>(seed, threshold, n, lead, base, blocks, keep, taken); break;
-      case 1: emulate<8, false>(seed, threshold, n, lead, base, blocks, keep, taken); break;
-      case 2: emulate<8, true>(seed, threshold, n, lead, base, blocks, keep, taken); break;
-      default: emulate<16, true>(seed, threshold, n, lead, base, blocks, keep, taken); break;
+      case 0: emulate<4, 0>(seed, threshold, n, lead, base, blocks, keep, taken); break;
+      case 1: emulate<8, 0>(seed, threshold, n, lead, base, blocks, keep, taken); break;
+      case 2: emulate<8, 3>(seed, threshold, n, lead, base, blocks, keep, taken); break;
+      default: emulate<16, 3>(seed, threshold, n, lead, base, blocks, keep, taken); break;
     }
     std::string mask;
     int bad = 0;
