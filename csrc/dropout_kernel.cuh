@@ -31,8 +31,10 @@
 // compute/bandwidth balance; everything else per element is a few instructions (select, multiply,
 // paired conversions). The vector kernel's straddling units cost 5 calls per 16 elements instead
 // of 4 (one chunk per unit would cost 3 per 8; longer units would save a little more for twice
-// the registers); the scalar kernel is for layouts PyTorch rarely produces. Arithmetic uses explicit
-// round-to-nearest intrinsics so nvcc cannot contract (x + bias) * scale + residual into an FMA
+// the registers), and it carries one copy of its random loop per skew (up to four: a larger
+// binary instead of two selects per word); the scalar kernel is for layouts PyTorch rarely
+// produces. The round keys are derived once per thread and pinned in registers (pinned_keys).
+// Arithmetic uses explicit round-to-nearest intrinsics so nvcc cannot contract (x + bias) * scale + residual into an FMA
 // and the result stays bit-identical to the CPU kernel and the eager reference.
 #pragma once
 
