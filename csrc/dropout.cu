@@ -50,21 +50,21 @@ int64_t resident_blocks() {
 template <typename scalar_t, bool kAdd, bool kFast, bool kVec>
 void launch_dropout_kernel(const Operands<scalar_t>& ops, const uint64_t* seed_ptr, int64_t n,
                            int64_t lead, DropoutArgs<acc_t<scalar_t>> args) {
-  constexpr int64_t kChunk = chunk_elems<scalar_t>();
+  constexpr int64_t kUnit = unit_elems<scalar_t, kFast, kVec>();
   for (int64_t base = 0; base < n; base += kDropoutSegment) {
-    const DropoutSegment seg = dropout_segment(n, lead, kChunk, base);
+    const DropoutSegment seg = dropout_segment(n, lead, kUnit, base);
     args.n = static_cast<uint32_t>(seg.count);
     args.lead = static_cast<uint32_t>(seg.lead);
     args.body_end = static_cast<uint32_t>(seg.body_end);
     args.group_lo = seg.group_lo;
     args.group_hi = seg.group_hi;
     args.base = base;
-    // At least one block: the edges need up to 2 * kChunk - 2 threads of it.
-    const int64_t chunks = (seg.body_end - seg.lead) / kChunk;
-    const int64_t blocks = std::clamp<int64_t>((chunks + kThreads - 1) / kThreads, 1,
+    // At least one block: the edges need up to 7 + kUnit - 1 threads of it (kUnit <= 16).
+    const int64_t units = (seg.body_end - seg.lead) / kUnit;
+    const int64_t blocks = std::clamp<int64_t>((units + kThreads - 1) / kThreads, 1,
                                                resident_blocks<scalar_t, kAdd, kFast, kVec>());
     // A thread's bias cursor moves by one grid-stride step per iteration.
-    const int64_t step = blocks * kThreads * kChunk;
+    const int64_t step = blocks * kThreads * kUnit;
     args.step_r = step % args.bias_stride;
     args.step_b = (step / args.bias_stride) % args.bias_size;
     dropout_fwd_kernel<scalar_t, kAdd, kFast, kVec>

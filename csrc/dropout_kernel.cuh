@@ -6,19 +6,22 @@
 // from (seed, memory index) with csrc/common/philox.h, and writes keep ? x * scale : 0. Backward
 // is the same kernel on the gradient, so nothing per element is stored between the passes.
 //
-// Work split: a grid-stride loop over chunks of kChunk consecutive elements: 8 (two Philox groups;
-// one 16-byte vector of bf16/fp16, two of fp32, so two loads per operand are in flight) or 4 for
-// double. Elements before the operands' first 16-byte boundary (a view at an odd offset) and the
-// ragged tail are edges, one per thread of the first block, each with its own Philox call. A
-// launch covers at most 2**31 elements (dropout_segment), so indices and cursors are 32-bit. The
-// host (plan_dropout_cuda, dropout.h) picks one of three kernels:
+// Work split: a grid-stride loop over units of consecutive elements (unit_elems; the element
+// bookkeeping is in dropout_units.cuh): one chunk of 8 (two Philox groups; one 16-byte vector of
+// bf16/fp16, two of fp32) or 4 for double on the fast kernel, two chunks on the vector kernel.
+// Elements before the operands' first 16-byte boundary (a view at an odd offset) and the ragged
+// tail are edges, one per thread of the first block, each with its own Philox call. A launch
+// covers at most 2**31 elements (dropout_segment), so indices and cursors are 32-bit. The host
+// (plan_dropout_cuda, dropout.h) picks one of three kernels:
 //   fast    chunks start on Philox group boundaries, so a chunk's groups are exactly its words; a
 //           bias comes in whole rows, read per chunk with a 32-bit cursor;
-//   vector  any offset shared by every operand: a chunk may straddle one group more (one more
-//           Philox call, words shifted into place); any bias layout (a per-element cursor);
+//   vector  any offset shared by every operand: a unit of two chunks (16 elements, all their
+//           16-byte loads in flight) starts lead % 4 words into a group and then straddles one
+//           group more than it covers (5 Philox calls per 16 elements; one loop per skew, so
+//           the words need no shifting); any bias layout (a per-element cursor);
 //   scalar  operands at different offsets within 16 bytes: element-wise accesses.
 // The RNG mode (random, keep-all for p = 0, drop-all for p = 1) is a template argument of the
-// loops, chosen once per thread, so the per-chunk code tests nothing but the keep words. The mask
+// loops, chosen once per thread, so the per-unit code tests nothing but the keep words. The mask
 // is a function of the element index alone: every kernel, the CPU one, Triton and the reference
 // produce the same bits. The seed is read by the kernel from device memory: no host sync, and
 // CUDA-graph replays that redraw the seed get fresh masks.
@@ -26,12 +29,16 @@
 // Trade-off: Philox-4x32-10 costs ~37 integer instructions per group even with the round keys
 // derived once per thread, so bf16 dropout (4 bytes moved per element) is close to the H200's
 // compute/bandwidth balance; everything else per element is a few instructions (select, multiply,
-// paired conversions). The vector kernel's straddling chunks cost 3 calls per 8 elements instead
-// of 2; the scalar kernel is for layouts PyTorch rarely produces. Arithmetic uses explicit
-// round-to-nearest intrinsics so nvcc cannot contract (x + bias) * scale + residual into an FMA
+// paired conversions). The vector kernel's straddling units cost 5 calls per 16 elements instead
+// of 4 (one chunk per unit would cost 3 per 8; longer units would save a little more for twice
+// the registers), and it carries one copy of its random loop per skew (up to four: a larger
+// binary instead of two selects per word); the scalar kernel is for layouts PyTorch rarely
+// produces. The round keys are derived once per thread and pinned in registers (pinned_keys).
+// Arithmetic uses explicit round-to-nearest intrinsics so nvcc cannot contract (x + bias) * scale + residual into an FMA
 // and the result stays bit-identical to the CPU kernel and the eager reference.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <type_traits>
 
@@ -39,6 +46,7 @@
 #include "common/philox.h"
 #include "common/vec.cuh"
 #include "dropout.h"
+#include "dropout_units.cuh"
 
 namespace fusedreg {
 namespace {
@@ -50,6 +58,14 @@ enum class Rng { kRandom, kKeepAll, kDropAll };
 template <typename scalar_t>
 constexpr int chunk_elems() {
   return sizeof(scalar_t) == 8 ? 4 : 8;
+}
+
+// Elements a thread takes per grid-stride step (a unit, see dropout_units.cuh): one chunk, two on
+// the vector kernel (their 16-byte loads all in flight, and the Philox group the chunks share
+// computed once: 5 calls per 16 elements instead of 6).
+template <typename scalar_t, bool kFast, bool kVec>
+constexpr int unit_elems() {
+  return chunk_elems<scalar_t>() * (kVec && !kFast ? 2 : 1);
 }
 
 __device__ __forceinline__ float add_rn(float a, float b) { return __fadd_rn(a, b); }
@@ -80,7 +96,7 @@ struct DropoutArgs {
 // The Philox group of segment element m (see kDropoutSegment).
 template <typename acc>
 __device__ __forceinline__ uint64_t group_of(const DropoutArgs<acc>& args, uint32_t m) {
-  return (static_cast<uint64_t>(args.group_hi) << 32) | (args.group_lo + m / kDropoutElemsPerGroup);
+  return segment_group(args.group_lo, args.group_hi, m);
 }
 
 // The output of one element: keep ? v * scale : 0, then residual + that for dropout_add; v already
@@ -100,15 +116,16 @@ __device__ __forceinline__ bool keep_word(uint32_t word, uint32_t threshold) {
   return kRng == Rng::kKeepAll;
 }
 
-// The Philox words of groups first .. first + kGroups - 1, in element order.
-template <int kGroups>
-__device__ __forceinline__ void group_words(const PhiloxKeys& keys, uint64_t first, uint32_t* w) {
+// The seed's round keys, opaque to nvcc: it would otherwise re-derive inside the loops (seed +
+// round * Weyl constant, one instruction per key and unit) the keys it cannot keep in uniform
+// registers, about 2 instructions per element on the dropout_add loops.
+__device__ __forceinline__ PhiloxKeys pinned_keys(uint64_t seed) {
+  PhiloxKeys keys = philox_keys(seed);
 #pragma unroll
-  for (int g = 0; g < kGroups; ++g) {
-    const Philox4x32Words words = dropout_group_words(keys, first + g);
-#pragma unroll
-    for (int k = 0; k < kDropoutElemsPerGroup; ++k) w[g * kDropoutElemsPerGroup + k] = words.w[k];
+  for (int round = 0; round < kPhiloxRounds; ++round) {
+    asm volatile("" : "+r"(keys.k0[round]), "+r"(keys.k1[round]));
   }
+  return keys;
 }
 
 template <typename scalar_t>
@@ -119,16 +136,13 @@ struct Operands {
   scalar_t* out;             // [n] dense output
 };
 
-// The head [0, lead) and the tail [body_end, n): fewer than two chunks, one element per thread,
-// each with its own Philox call and bias division. Selects, not an indexed array, pick the word
-// (an indexed register array would live in local memory).
+// The head [0, lead) and the tail [body_end, n): fewer than two units, one element per thread
+// (edge_element), each with its own Philox call and bias division.
 template <bool kAdd, typename scalar_t, typename acc>
 __device__ void edge_elements(const Operands<scalar_t>& ops, const DropoutArgs<acc>& args,
                               const PhiloxKeys& keys) {
-  const uint32_t t = blockIdx.x * kThreads + threadIdx.x;
-  const uint32_t head = args.lead;
-  if (t >= head + (args.n - args.body_end)) return;
-  const uint32_t m = t < head ? t : args.body_end + (t - head);
+  const uint32_t m = edge_element(blockIdx.x * kThreads + threadIdx.x, args.lead, args.body_end, args.n);
+  if (m == args.n) return;
   acc v = static_cast<acc>(ops.x[m]);
   acc r = acc(0);
   if constexpr (kAdd) {
@@ -140,8 +154,7 @@ __device__ void edge_elements(const Operands<scalar_t>& ops, const DropoutArgs<a
   bool keep = args.rng == Rng::kKeepAll;
   if (args.rng == Rng::kRandom) {
     const Philox4x32Words w = dropout_group_words(keys, group_of(args, m));
-    const uint32_t k = m % kDropoutElemsPerGroup;
-    keep = dropout_keep(k == 0 ? w.w[0] : k == 1 ? w.w[1] : k == 2 ? w.w[2] : w.w[3], args.threshold);
+    keep = dropout_keep(group_word(w, m % kDropoutElemsPerGroup), args.threshold);
   }
   ops.out[m] = static_cast<scalar_t>(finish<kAdd>(v, r, keep, args.scale));
 }
@@ -163,7 +176,7 @@ __device__ __forceinline__ void fast_chunks(const Operands<scalar_t>& ops, const
   const scalar_t* bias = kAdd && args.bias_rows ? ops.bias : nullptr;
   const auto bias_size = static_cast<uint32_t>(args.bias_size);
   const auto step_b = static_cast<uint32_t>(args.step_b);
-  uint32_t m = args.lead + (blockIdx.x * kThreads + threadIdx.x) * kChunk;
+  uint32_t m = first_unit<kChunk>(blockIdx.x * kThreads + threadIdx.x, args.lead);
   uint32_t b = bias != nullptr && m < end ? static_cast<uint32_t>((args.base + m) % args.bias_size) : 0u;
   for (; m < end; m += step) {
     acc v[kChunk] = {};
@@ -181,7 +194,7 @@ __device__ __forceinline__ void fast_chunks(const Operands<scalar_t>& ops, const
       b = b >= bias_size ? b - bias_size : b;
     }
     uint32_t w[kChunk] = {};
-    if constexpr (kRng == Rng::kRandom) group_words<kChunk / kDropoutElemsPerGroup>(keys, group_of(args, m), w);
+    if constexpr (kRng == Rng::kRandom) unit_words<kChunk, 0>(keys, group_of(args, m), w);
     acc o[kChunk];
 #pragma unroll
     for (int j = 0; j < kChunk; ++j) o[j] = finish<kAdd>(v[j], r[j], keep_word<kRng>(w[j], threshold), scale);
@@ -189,61 +202,49 @@ __device__ __forceinline__ void fast_chunks(const Operands<scalar_t>& ops, const
   }
 }
 
-// General loop, vector (kVec) or element-wise. Vector chunks start `lead` elements past a 16-byte
-// boundary, so they may straddle one Philox group more than they cover: the words of kGroups + 1
-// groups are computed (unconditionally: a branch around the extra call makes nvcc split every
-// multiply of the others into IMAD.HI + IMAD) and shifted by skew = lead % 4, the same for every
-// chunk. Element-wise chunks start at 0, on group boundaries. The bias takes any layout: a
-// per-element cursor, 32-bit on the vector kernel (see plan_dropout_cuda).
-template <Rng kRng, bool kVec, bool kAdd, typename scalar_t, typename acc>
+// General loop, vector (kVec) or element-wise. Vector units are two chunks starting `lead`
+// elements past a 16-byte boundary, kSkew = lead % 4 words into a Philox group, so they may
+// straddle one group more than they cover (unit_words). Element-wise units are one chunk starting
+// at 0, on group boundaries (kSkew 0). The bias takes any layout: a per-element cursor, 32-bit on
+// the vector kernel (see plan_dropout_cuda).
+template <Rng kRng, bool kVec, bool kAdd, int kSkew, typename scalar_t, typename acc>
 __device__ __forceinline__ void general_chunks(const Operands<scalar_t>& ops, const DropoutArgs<acc>& args,
                                                const PhiloxKeys& keys) {
   using index_t = std::conditional_t<kVec, uint32_t, int64_t>;
-  constexpr int kChunk = chunk_elems<scalar_t>();
+  constexpr int kUnit = unit_elems<scalar_t, false, kVec>();
   constexpr int kVecN = kVec ? vec_size<scalar_t>() : 1;
-  constexpr int kGroups = kChunk / kDropoutElemsPerGroup + (kVec ? 1 : 0);
-  constexpr int kWords = kGroups * kDropoutElemsPerGroup;
-  const uint32_t step = gridDim.x * kThreads * kChunk;
+  const uint32_t step = gridDim.x * kThreads * kUnit;
   const uint32_t end = args.body_end;
-  const uint32_t skew = args.lead % kDropoutElemsPerGroup;  // 0 on the element-wise kernel
   const uint32_t threshold = args.threshold;
   const acc scale = args.scale;
   const auto stride = static_cast<index_t>(args.bias_stride), size = static_cast<index_t>(args.bias_size);
-  uint32_t m = args.lead + (blockIdx.x * kThreads + threadIdx.x) * kChunk;
+  uint32_t m = first_unit<kUnit>(blockIdx.x * kThreads + threadIdx.x, args.lead);
   BiasCursor<index_t> cursor{0, 0};
   if (kAdd && ops.bias != nullptr && m < end) {
     cursor = BiasCursor<index_t>::at(args.base + m, args.bias_stride, args.bias_size);
   }
   for (; m < end; m += step) {
-    acc v[kChunk];
-    acc r[kChunk] = {};
-    load_widened<kVecN, kChunk>(ops.x + m, v);
+    acc v[kUnit];
+    acc r[kUnit] = {};
+    load_widened<kVecN, kUnit>(ops.x + m, v);
     if constexpr (kAdd) {
-      load_widened<kVecN, kChunk>(ops.residual + m, r);
+      load_widened<kVecN, kUnit>(ops.residual + m, r);
       if (ops.bias != nullptr) {
         BiasCursor<index_t> c = cursor;
 #pragma unroll
-        for (int j = 0; j < kChunk; ++j) {
+        for (int j = 0; j < kUnit; ++j) {
           v[j] = add_rn(v[j], static_cast<acc>(ops.bias[c.b]));
           c.next(stride, size);
         }
         cursor.advance(static_cast<index_t>(args.step_r), static_cast<index_t>(args.step_b), stride, size);
       }
     }
-    uint32_t w[kWords] = {};
-    if constexpr (kRng == Rng::kRandom) {
-      group_words<kGroups>(keys, group_of(args, m), w);
-      if constexpr (kVec) {  // w[j + skew] for element j: two selects per word, no indexed array
+    uint32_t w[kUnit] = {};
+    if constexpr (kRng == Rng::kRandom) unit_words<kUnit, kSkew>(keys, group_of(args, m), w);
+    acc o[kUnit];
 #pragma unroll
-        for (int j = 0; j + 1 < kWords; ++j) w[j] = (skew & 1) ? w[j + 1] : w[j];
-#pragma unroll
-        for (int j = 0; j < kChunk; ++j) w[j] = (skew & 2) ? w[j + 2] : w[j];
-      }
-    }
-    acc o[kChunk];
-#pragma unroll
-    for (int j = 0; j < kChunk; ++j) o[j] = finish<kAdd>(v[j], r[j], keep_word<kRng>(w[j], threshold), scale);
-    store_narrowed<kVecN, kChunk>(ops.out + m, o);
+    for (int j = 0; j < kUnit; ++j) o[j] = finish<kAdd>(v[j], r[j], keep_word<kRng>(w[j], threshold), scale);
+    store_narrowed<kVecN, kUnit>(ops.out + m, o);
   }
 }
 
@@ -252,8 +253,13 @@ __device__ __forceinline__ void chunks(const Operands<scalar_t>& ops, const Drop
                                        const PhiloxKeys& keys) {
   if constexpr (kFast) {
     fast_chunks<kRng, kAdd>(ops, args, keys);
-  } else {
-    general_chunks<kRng, kVec, kAdd>(ops, args, keys);
+  } else if constexpr (kVec && kRng == Rng::kRandom) {  // the skews 16 bytes of scalar_t allow
+    constexpr int kMaxSkew = std::min<int>(vec_size<scalar_t>(), kDropoutElemsPerGroup) - 1;
+    with_skew<kMaxSkew>(args.lead % kDropoutElemsPerGroup, [&](auto skew) {
+      general_chunks<kRng, kVec, kAdd, decltype(skew)::value>(ops, args, keys);
+    });
+  } else {  // no Philox words, or element-wise units from element 0
+    general_chunks<kRng, kVec, kAdd, 0>(ops, args, keys);
   }
 }
 
@@ -269,7 +275,7 @@ dropout_fwd_kernel(const scalar_t* x,                          // [n] segment, o
                    const uint64_t* __restrict__ seed_ptr,      // [1] Philox key
                    const DropoutArgs<acc_t<scalar_t>> args) {
   static_assert(kVec || !kFast, "the fast kernel is a vector kernel");
-  const PhiloxKeys keys = philox_keys(*seed_ptr);
+  const PhiloxKeys keys = pinned_keys(*seed_ptr);
   const Operands<scalar_t> ops{x, residual, bias, out};
   edge_elements<kAdd>(ops, args, keys);
   // One uniform branch per thread; the loops themselves carry no mode test.

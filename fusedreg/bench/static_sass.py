@@ -24,7 +24,8 @@ How sass_cfg.py finds the steady state (generically, so the kernels may change u
   iteration counts, ties to the dearer. Loops of different kinds are successive passes over the
   same elements (on-chip BatchNorm): their instr/elem add up. Dropout's vector kernel for operands
   that share an offset from a 16-byte boundary ("peeled head": the elements before the boundary
-  are edges, one per thread, and a chunk may straddle one more Philox group) is listed on its own.
+  are edges, one per thread, and a unit may straddle one more Philox group, with one loop per
+  skew of the unit within its first group) is listed on its own.
 - Check: the global bytes the counted loops move with 128-bit accesses per element must equal the
   op's floor (reads + writes); a mismatch means a scalar access on the hot path.
 
@@ -130,10 +131,11 @@ def _classify(name: str, args: list[str], enums: dict | None) -> Kernel | bool |
         if not flag[3]:
             return False  # the scalar kernel: operands at different offsets within 16 bytes
         # The vector kernel takes operands that share an offset from a 16-byte boundary: the head
-        # before it is peeled off as edge elements, and its chunks straddle one Philox group more.
+        # before it is peeled off as edge elements, and its units straddle one Philox group more.
         peeled = "" if flag[2] else ", peeled head"
-        # Its other loops are the RNG modes': p = 0 (keep all) and p = 1 (drop all) run no Philox.
-        rng_free = "p = 0 or p = 1 loop, no Philox"
+        # Its other loops are the RNG modes': p = 0 (keep all) and p = 1 (drop all) run no Philox;
+        # the vector kernel has one Philox loop per skew (lead % 4) as well.
+        rng_free = "p = 0 or p = 1 loop, no Philox" + ("" if flag[2] else "; or another skew's loop")
         if flag[1]:
             return Kernel(f"dropout_add +bias{peeled}", dt, 2 * e, e, variant=f"dropout_add, no bias{peeled}",
                           others=rng_free)
