@@ -426,6 +426,8 @@ def sync_batch_norm_under_fsdp2_and_ddp(rank, world_size, out_dir, device="cpu")
             torch.testing.assert_close(getattr(model[1], key), buffer, **TOL)
 
 
+from dtensor_sr_checks import pure_bf16_under_fully_shard  # noqa: E402  (uses the helpers above)
+
 CHECKS = {
     "fully_shard_follows_torch": (fully_shard_follows_torch, (2, 4)),
     "tensor_parallel_follows_torch": (tensor_parallel_follows_torch, (2, 4)),
@@ -437,4 +439,5 @@ CHECKS = {
     "one_all_reduce_per_sharding_group": (one_all_reduce_per_sharding_group, (2, 4)),
     "checkpoint_resumes_and_loads_into_torch": (checkpoint_resumes_and_loads_into_torch, (2, 4)),
     "sync_batch_norm_under_fsdp2_and_ddp": (sync_batch_norm_under_fsdp2_and_ddp, (2,)),
+    "pure_bf16_under_fully_shard": (pure_bf16_under_fully_shard, (2, 4)),
 }
