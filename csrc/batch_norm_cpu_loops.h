@@ -153,7 +153,26 @@ FUSEDREG_ALWAYS_INLINE void channel_sum(const scalar_t* x, const scalar_t* dy, c
       }
       if (++groups == kGroupsPerBlock) close_block();
     }
-    if (i < L.inner) {
+    if (i < L.inner && base + i + kLanes <= L.numel()) {
+      // the tail as whole vectors: the values past it belong to the tensor (other channels or
+      // planes) and are selected away, not multiplied (they may be inf or NaN)
+      const acc rem = static_cast<acc>(L.inner - i);
+      for (int h = 0; h < kSub; ++h) {
+        V lane;
+        for (int l = 0; l < kPer; ++l) lane[l] = static_cast<acc>(h * kPer + l);
+        const V v = lane < rem ? load_vec<kBytes>(xr + i + h * kPer) - m : V{};
+        if constexpr (kTerm == Term::kShifted) {
+          s0[h] += v;
+        } else if constexpr (kTerm == Term::kSquares) {
+          s0[h] += v * v;
+        } else {
+          const V g = lane < rem ? load_vec<kBytes>(gr + i + h * kPer) : V{};
+          s0[h] += g;
+          s1[h] += g * v;
+        }
+      }
+      if (++groups == kGroupsPerBlock) close_block();
+    } else if (i < L.inner) {  // the tensor's last values: element by element
       acc v[kLanes] = {}, g[kLanes] = {};
       for (int l = 0; i + l < L.inner; ++l) {
         v[l] = load(xr, i + l) - m;
@@ -201,17 +220,51 @@ FUSEDREG_ALWAYS_INLINE void channel_sum(const scalar_t* x, const scalar_t* dy, c
   if constexpr (K == 2) out[1] = l1[0];
 }
 
-// Rows [r0, r1) of a [rows, C] matrix added into part (K arrays of C): part[k][c] += term.
-template <Term kTerm, typename scalar_t>
+// Rows [r0, r1) of a [rows, C] matrix added into part (K arrays of C): part[k][c] += term, each
+// column's terms added in row order. Columns go kCols at a time with their sums in registers
+// (four vectors: four independent chains of additions), the rows inside; the last C % kCols
+// columns element by element.
+template <int kBytes, Term kTerm, typename scalar_t>
 FUSEDREG_ALWAYS_INLINE void rows_sum_loop(const scalar_t* x, const scalar_t* dy, int64_t C, int64_t r0, int64_t r1,
-                                     const acc_t<scalar_t>* m, acc_t<scalar_t>* part) {
+                                          const acc_t<scalar_t>* m, acc_t<scalar_t>* part) {
   using acc = acc_t<scalar_t>;
+  using V = typename Lanes<acc, kBytes>::type;
+  constexpr int kPer = Lanes<acc, kBytes>::kPer;
+  constexpr int kVecs = 4;
+  constexpr int kCols = kVecs * kPer;
   acc* p0 = part;
   acc* p1 = part + C;
+  int64_t c0 = 0;
+  for (; c0 + kCols <= C; c0 += kCols) {
+    V s0[kVecs], s1[kVecs], mv[kVecs];
+    for (int j = 0; j < kVecs; ++j) {
+      std::memcpy(&s0[j], p0 + c0 + j * kPer, sizeof(V));
+      if constexpr (kTerm == Term::kGrad) std::memcpy(&s1[j], p1 + c0 + j * kPer, sizeof(V));
+      std::memcpy(&mv[j], m + c0 + j * kPer, sizeof(V));
+    }
+    for (int64_t r = r0; r < r1; ++r) {
+      for (int j = 0; j < kVecs; ++j) {
+        const V v = load_vec<kBytes>(x + r * C + c0 + j * kPer) - mv[j];
+        if constexpr (kTerm == Term::kShifted) {
+          s0[j] += v;
+        } else if constexpr (kTerm == Term::kSquares) {
+          s0[j] += v * v;
+        } else {
+          const V g = load_vec<kBytes>(dy + r * C + c0 + j * kPer);
+          s0[j] += g;
+          s1[j] += g * v;
+        }
+      }
+    }
+    for (int j = 0; j < kVecs; ++j) {
+      std::memcpy(p0 + c0 + j * kPer, &s0[j], sizeof(V));
+      if constexpr (kTerm == Term::kGrad) std::memcpy(p1 + c0 + j * kPer, &s1[j], sizeof(V));
+    }
+  }
   for (int64_t r = r0; r < r1; ++r) {
     const scalar_t* xr = x + r * C;
     const scalar_t* gr = kTerm == Term::kGrad ? dy + r * C : nullptr;
-    for (int64_t c = 0; c < C; ++c) {
+    for (int64_t c = c0; c < C; ++c) {
       const acc v = load(xr, c) - m[c];
       if constexpr (kTerm == Term::kShifted) {
         p0[c] += v;
@@ -296,7 +349,7 @@ FUSEDREG_ALWAYS_INLINE void channels_sum_impl(const scalar_t* x, const scalar_t*
 template <int kBytes, Term kTerm, typename scalar_t>
 FUSEDREG_ALWAYS_INLINE void rows_sum_impl(const scalar_t* x, const scalar_t* dy, int64_t C, int64_t r0, int64_t r1,
                                           const acc_t<scalar_t>* m, acc_t<scalar_t>* part) {
-  rows_sum_loop<kTerm>(x, dy, C, r0, r1, m, part);
+  rows_sum_loop<kBytes, kTerm>(x, dy, C, r0, r1, m, part);
 }
 
 template <int kBytes, Pass kPass, typename scalar_t>
