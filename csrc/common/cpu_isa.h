@@ -8,8 +8,10 @@
 // out a SIMD path. An unknown value is ignored (the best level is used). Non-x86 builds always get
 // kDefault: the portable kernels.
 //
-// Every level computes the same bits: the SIMD kernels use no fused multiply-add where the portable
-// code rounds twice, and convert with the same rounding.
+// Dropout computes the same bits at every level (integer Philox, one multiply per element, the
+// same bf16 rounding). BatchNorm's loops are the same source at every level, so their sums are
+// added in the same order, but the compiler may fuse a multiply-add where AVX2 / AVX-512 have one:
+// its results may differ between levels in the last bit, never between thread counts.
 #pragma once
 
 #include <cstdlib>

@@ -3,18 +3,18 @@
 // dropout_keep_bits() writes, for the elements of groups [first, first + groups), one bit per
 // element (1 = kept) in memory order: bit b of bits[w] is element 4 * first + 64 * w + b. The bits
 // are exactly those of dropout_keep(dropout_group_words(...).w[k], threshold) in philox.h, at every
-// level (tests/test_dropout.py compares the levels with each other and with the reference).
+// level (tests/test_cpu_isa.py compares the levels with each other and with the reference).
 //
-// Algorithm: lane j of a register holds the counter of group first + j, so one pass of the ten
-// rounds serves 8 groups (32 elements) per register set. The 32x32 -> 64-bit products come from
+// Algorithm: lane j holds the counter of group first + j. The 32x32 -> 64-bit products come from
 // vpmuludq, which multiplies the low words of 64-bit lanes: AVX-512 keeps one counter per 64-bit
-// lane (two register sets per 16 groups; see rounds_avx512), AVX2 keeps one per 32-bit lane and
-// multiplies the even lanes and the odd lanes shifted down, recombining high and low words by
-// blends. Each of the four output words is compared with
+// lane (two registers per word for 16 groups, six instructions per round; see rounds_avx512), AVX2
+// keeps one per 32-bit lane (8 groups) and multiplies the even lanes and the odd lanes shifted
+// down, recombining high and low words by blends. Each of the four output words is compared with
 // the threshold (unsigned: AVX-512 has the compare, AVX2 flips the sign bits and compares signed),
-// giving one mask bit per group, and kSpread4 interleaves the four masks into element order (word k
-// of group j is element 4j + k). The scalar level runs philox4x32_10 per group. Groups whose low
-// counter word would wrap inside one register (only past 2**34 elements) take the scalar path.
+// giving one mask bit per group, and the four masks are interleaved into element order (word k of
+// group j is element 4j + k) by pdep (AVX-512) or the kSpread4 table (AVX2). The scalar level
+// runs philox4x32_10 per group. Groups whose low counter word would wrap inside one register (only
+// past 2**34 elements) take the scalar path.
 //
 // Trade-off: writing bits to a small buffer and applying them in a second loop costs a few L1
 // accesses per 64 elements, and keeps one mask generator for every dtype and op variant.
