@@ -1,15 +1,15 @@
 // The inner loops of the CPU BatchNorm kernels (batch_norm.cpp, batch_norm_stats.cpp), compiled once
 // per instruction-set level (csrc/common/cpu_isa.h) and picked at run time.
 //
-// Each loop is a plain, branch-free C++ loop over contiguous memory written for the compiler's
-// vectorizer: loads widen to the accumulation type (bf16 by a 16-bit shift, no per-element call),
-// stores round like c10 (cpu_vec.h), and sums keep kLanes independent accumulators so that they
-// vectorize without reordering anything the source does not already order. The same source is
-// instantiated inside FUSEDREG_TARGET_AVX512 / _AVX2 functions (vectors of 16 / 8 floats) and
-// plain ones (SSE2), so the levels differ only in instruction selection; the compiler may contract
-// a * b + c into one fused multiply-add where the level has it, which changes the last bit of some
-// results (within the tolerances every test uses) but never the order of additions: results stay
-// independent of the thread count at every level.
+// The sums use explicit GCC vectors (kLanes = 16 lanes as 1, 2 or 4 registers of the level's
+// width), so that their order of additions is fixed by the layout alone and they do not depend on
+// the auto-vectorizer; the elementwise loops are plain branch-free loops over contiguous memory,
+// left to it. Loads widen to the accumulation type (bf16 by a 16-bit shift, no per-element call)
+// and stores round like c10 (cpu_vec.h). The same source is instantiated inside
+// FUSEDREG_TARGET_AVX512 / _AVX2 functions and plain ones (SSE2), so the levels differ only in
+// instruction selection; the compiler may contract a * b + c into one fused multiply-add where the
+// level has it, which changes the last bit of some results (within the tolerances every test
+// uses) but never the order of additions: results stay independent of the thread count.
 #pragma once
 
 #include <cstdint>

@@ -109,6 +109,8 @@ def test_bench_threads_option_sets_and_restores_the_thread_count(tmp_path, capsy
                      "--table", str(tmp_path / "b.txt")]) == 0
     doc = json.loads((tmp_path / "b.json").read_text())
     assert doc["threads"] == 1 and doc["machine"]["torch_threads"] == 1
+    load = doc["load_average"]
+    assert load["cores"] >= 1 and load["start"] is None or load["start"] >= 0
     assert "threads: 1;" in (tmp_path / "b.txt").read_text()
     assert torch.get_num_threads() == before
     with pytest.raises(SystemExit):
@@ -130,10 +132,14 @@ def test_interleaved_timing_pairs_rounds_and_flags_wide_bands(monkeypatch):
             time.sleep(2e-4)  # longer than a batch: one call per round
         return fn
 
-    timer = CpuTimer(budget_s=0.0, min_samples=6, max_samples=6)
+    timer = CpuTimer(budget_s=0.0, min_samples=4, max_samples=4)
     samples = timer.time_interleaved({"a": call("a"), "b": call("b")})
-    assert [len(v) for v in samples.values()] == [6, 6] and min(samples["a"]) >= 0.2
-    assert calls[4:] == ["a", "b", "b", "a"] * 3  # after two warm-up calls each; rotating start
+    assert [len(v) for v in samples.values()] == [4, 4] and min(samples["a"]) >= 0.2
+    assert calls[4:] == ["a", "b", "b", "a"] * 2  # after two warm-up calls each; rotating start
+    # far over budget: min_samples gives way to 5 rounds
+    calls.clear()
+    samples = CpuTimer(budget_s=0.0, min_samples=9, max_samples=9).time_interleaved({"a": call("a")})
+    assert len(samples["a"]) == 5
 
     impls = {"subject": {"ok": True, "time_ms": 2.0}, "base": {"ok": True, "time_ms": 3.0}}
     # base is 1.5x slower in every round, while both swing 10x between rounds
@@ -154,6 +160,15 @@ def test_interleaved_timing_pairs_rounds_and_flags_wide_bands(monkeypatch):
            "threads": 2, "interleaved": True, "cache_bytes": 2**25}
     table = report.format_table(doc)
     assert "threads: 2" in table and " !" in table and "0.50x (0.40-0.60)" in table
+    assert "machine load" not in table  # not recorded: nothing said
+    doc["load_average"] = {"start": 0.2, "end": 2.1, "cores": 2}
+    assert "load average 0.2 before the run, 2.1 after, on 2 cores" in report.format_table(doc)
+    assert "warning: other processes" not in report.format_table(doc)
+    doc["load_average"]["start"] = 3.5
+    assert "warning: other processes" in report.format_table(doc)
+    doc["threads"] = 1
+    assert "warning: other processes" not in report.format_table(doc)
+    doc["threads"] = 2
     assert report.wide_bands(doc) == ["o/c float32 s subject"]
     assert report.slower_rows(doc) == ["o/c float32 s: base 0.50x"]
     assert "c  " in table.split("0.50x")[0].splitlines()[-1]  # in-cache % copy marked

@@ -159,10 +159,21 @@ def run(ops: Sequence[str] | None, device: str, dtypes: Sequence[torch.dtype] | 
     saved_threads = torch.get_num_threads()
     torch.set_num_threads(threads or default_threads())
     try:
+        load_start = load_average()
         with _compile_everything():
-            return _run(ops, device, dtypes, quick, progress, min_elements, compiled, budget_s)
+            doc = _run(ops, device, dtypes, quick, progress, min_elements, compiled, budget_s)
+        doc["load_average"] = {"start": load_start, "end": load_average(), "cores": default_threads()}
+        return doc
     finally:
         torch.set_num_threads(saved_threads)
+
+
+def load_average() -> float | None:
+    """The 1-minute load average (runnable processes, this one included), where the OS says."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
 
 
 def default_threads() -> int:

@@ -101,6 +101,16 @@ def format_table(doc: dict) -> str:
            "speedup = baseline time / subject time (> 1: subject faster)"
            + (", the median of per-round paired ratios, their q20-q80 in brackets"
               if doc.get("interleaved") else "")]
+    load = doc.get("load_average") or {}
+    if load.get("start") is not None:
+        out.append(f"machine load: 1-min load average {load['start']:g} before the run, {load['end']:g} "
+                   f"after, on {load['cores']} cores")
+        if load["start"] > 0.5 * load["cores"] and threads and threads > 1:
+            out.append("warning: other processes were using the cores before the run started: with "
+                       f"{threads} threads a parallel region can wait for a thread the OS has "
+                       "descheduled, and times then cluster at multiples of the scheduler's time slice "
+                       "(~4-8 ms) whatever the kernel; trust only --threads 1 rows, or rerun on a quiet "
+                       "machine")
     if doc.get("cache_bytes"):
         out.append(f"% copy marked c: the floor bytes fit in the {format_bytes(doc['cache_bytes'])} "
                    "last-level cache, so the case may run out of cache, above the (out-of-cache) copy "
