@@ -200,7 +200,8 @@ def _run(ops, device, dtypes, quick, progress, min_elements=0, compiled=True, bu
     for module, error in load_errors.items():
         say(f"warning: benchmark module fusedreg.bench.{module} failed to import: {error}")
     timer = make_timer(device, quick)
-    say(f"measuring copy bandwidth on {device} ({torch.get_num_threads()} threads) ...")
+    threads = torch.get_num_threads()
+    say(f"measuring copy bandwidth on {device} ({threads} thread{'s' * (threads != 1)}) ...")
     copy_bw = copy_bandwidth(device, timer, quick)
     say(f"copy bandwidth: {copy_bw['gbps']:.1f} GB/s")
     cache_bytes = last_level_cache_bytes() if device == "cpu" else None

@@ -108,13 +108,13 @@ def write_png(doc: dict, path: str | os.PathLike) -> str | None:
         ax.set_ylabel("GB/s (floor bytes / median time)")
         ax.set_title(f"{op} / {case}", fontsize=10)
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16 if numeric else -0.36), ncol=2,
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16 if numeric else -0.42), ncol=2,
                   frameon=False)
     for ax in list(axes.flat)[len(panels):]:
         ax.set_visible(False)
     threads = doc.get("threads")
     fig.suptitle(f"fusedreg bench ({doc['device']}): {machine_label(doc['machine'])}"
-                 + (f", {threads} threads" if threads else ""), fontsize=11)
+                 + (f", {threads} thread{'s' * (threads != 1)}" if threads else ""), fontsize=11)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=100)
     plt.close(fig)
