@@ -4,7 +4,8 @@
 // coefficients, O(C)) -> (one elementwise pass, here), in the layout of batch_norm.h
 // ((o * C + c) * inner + s). The elementwise pass runs at::parallel_for over the planes
 // (inner > 1) or the rows (inner == 1) with the coefficients of a channel loaded once per plane
-// (or kept as [C] arrays for rows: a vectorizable inner loop over contiguous channels). All
+// (or kept as [C] arrays for rows: a vectorized inner loop over contiguous channels), the loops
+// compiled per instruction-set level (batch_norm_cpu_loops.h, picked at run time). All
 // arithmetic is fp32 (fp64 for double) and the order of every addition depends only on the shape
 // and layout, never on the thread count: results are bitwise reproducible.
 //
@@ -18,14 +19,16 @@
 #include <vector>
 
 #include "batch_norm.h"
+#include "batch_norm_cpu_loops.h"
+#include "common/cpu_isa.h"
 #include "common/dispatch.h"
 
 namespace fusedreg {
 namespace {
 
-enum class Pass { kForward, kBackward, kBackwardEval };
+using bn_cpu::Pass;
 
-// Per-channel coefficients of the elementwise pass:
+// Per-channel coefficients of the elementwise pass (formulas: bn_cpu::formula):
 //   kForward:      out = (x - m) * a + b
 //   kBackward:     out = (dy - b - (x - m) * k) * a
 //   kBackwardEval: out = dy * a
@@ -35,52 +38,24 @@ struct Coefs {
   explicit Coefs(int64_t C) : m(C, acc(0)), a(C, acc(1)), b(C, acc(0)), k(C, acc(0)) {}
 };
 
-template <Pass kPass, typename acc>
-inline acc formula(acc x, acc g, acc m, acc a, acc b, acc k) {
-  if constexpr (kPass == Pass::kForward) {
-    return (x - m) * a + b;
-  } else if constexpr (kPass == Pass::kBackward) {
-    return (g - b - (x - m) * k) * a;
-  } else {
-    return g * a;
-  }
-}
-
 template <Pass kPass, typename scalar_t>
 void elementwise(const BatchNormOperands& ops, const Coefs<acc_t<scalar_t>>& co) {
-  using acc = acc_t<scalar_t>;
   const BatchNormLayout& L = ops.layout;
   if (L.numel() == 0) return;
   const int64_t C = L.channels;
-  const scalar_t* x = ops.x.const_data_ptr<scalar_t>();
-  const scalar_t* dy = ops.dy.defined() ? ops.dy.const_data_ptr<scalar_t>() : nullptr;
+  const scalar_t* x = kPass != Pass::kBackwardEval ? ops.x.const_data_ptr<scalar_t>() : nullptr;
+  const scalar_t* dy = kPass != Pass::kForward ? ops.dy.const_data_ptr<scalar_t>() : nullptr;
   scalar_t* out = ops.out.mutable_data_ptr<scalar_t>();
-  constexpr bool kReadsX = kPass != Pass::kBackwardEval;
-  constexpr bool kReadsDy = kPass != Pass::kForward;
-  auto load = [](const scalar_t* p, int64_t e) { return static_cast<acc>(p[e]); };
+  const CpuIsa isa = cpu_isa();
+  const auto *m = co.m.data(), *a = co.a.data(), *b = co.b.data(), *k = co.k.data();
   if (L.inner > 1) {
     at::parallel_for(0, L.outer * C, std::max<int64_t>(1, kCpuGrainElems / L.inner),
                      [&](int64_t p_begin, int64_t p_end) {
-      for (int64_t p = p_begin; p < p_end; ++p) {
-        const int64_t c = p % C;
-        const acc m = co.m[c], a = co.a[c], b = co.b[c], k = co.k[c];
-        for (int64_t e = p * L.inner; e < (p + 1) * L.inner; ++e) {
-          out[e] = static_cast<scalar_t>(formula<kPass>(kReadsX ? load(x, e) : acc(0),
-                                                        kReadsDy ? load(dy, e) : acc(0), m, a, b, k));
-        }
-      }
+      bn_cpu::planes_apply<kPass>(isa, x, dy, out, L, p_begin, p_end, m, a, b, k);
     });
   } else {
-    const acc *m = co.m.data(), *a = co.a.data(), *b = co.b.data(), *k = co.k.data();
     at::parallel_for(0, L.outer, std::max<int64_t>(1, kCpuGrainElems / C), [&](int64_t r_begin, int64_t r_end) {
-      for (int64_t r = r_begin; r < r_end; ++r) {
-        const int64_t base = r * C;
-        for (int64_t c = 0; c < C; ++c) {
-          out[base + c] = static_cast<scalar_t>(formula<kPass>(kReadsX ? load(x, base + c) : acc(0),
-                                                               kReadsDy ? load(dy, base + c) : acc(0),
-                                                               m[c], a[c], b[c], k[c]));
-        }
-      }
+      bn_cpu::rows_apply<kPass>(isa, x, dy, out, C, r_begin, r_end, m, a, b, k);
     });
   }
 }

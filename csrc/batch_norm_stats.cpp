@@ -3,15 +3,19 @@
 //
 // Algorithm, in the layout of batch_norm.h ((o * C + c) * inner + s):
 // - inner > 1 (NCHW-like): at::parallel_for over channels; a channel is `outer` runs of `inner`
-//   contiguous values, each run summed with kLanes interleaved accumulators (vectorizable) and
-//   pairwise above kCascadeBase values, the run sums then summed pairwise: rounding error grows
-//   with log(n), not n.
+//   contiguous values, all read 16 at a time into the same vector accumulators, whose sums over
+//   blocks of 128 values are paired in a binary tree (batch_norm_cpu_loops.h: channel_sum):
+//   rounding error grows with log(n), not n.
 // - inner == 1 (channels_last, (N, C)): at::parallel_for over fixed blocks of kRowsPerBlock rows;
 //   each block sums its rows into its own [C] partials (the inner loop runs over contiguous
-//   channels: vectorizable), and the partials are then summed pairwise in block order.
+//   channels: vectorized), and the partials are then summed pairwise in block order.
 // Statistics are two-pass and shifted: mean = shift + sum(x - shift) / n with shift = the channel's
 // first value, then m2 = sum((x - mean)^2), so neither a large mean nor cancellation hurts. The
 // order of every addition depends only on the shape and layout, never on the thread count.
+//
+// The loops themselves are compiled per instruction-set level (AVX-512 / AVX2 / SSE2, picked at run
+// time by cpu_isa()) and widen bf16 with a shift, so bf16 and channels_last reductions run at
+// vector speed.
 //
 // Trade-off: two passes over the input for the exact two-pass numerics of the reference, cheap
 // for the small per-channel slices CPUs see, where they stay in cache.
@@ -21,17 +25,20 @@
 #include <vector>
 
 #include "batch_norm.h"
+#include "batch_norm_cpu_loops.h"
+#include "common/cpu_isa.h"
 #include "common/dispatch.h"
 
 namespace fusedreg {
 namespace {
 
-constexpr int kLanes = 8;
+using bn_cpu::Term;
+
 constexpr int64_t kCascadeBase = 1024;
 constexpr int64_t kRowsPerBlock = 64;
 
-
-// out[k] = sum over i in [begin, end) of term(i)[k], for K sums at once.
+// out[k] = sum over i in [begin, end) of term(i)[k], pairwise above kCascadeBase values (for the
+// O(blocks) partials of the rows layout: a few values per channel, not the data itself).
 template <int K, typename acc, typename Term>
 void cascade_sum(int64_t begin, int64_t end, const Term& term, acc* out) {
   if (end - begin > kCascadeBase) {
@@ -42,51 +49,30 @@ void cascade_sum(int64_t begin, int64_t end, const Term& term, acc* out) {
     for (int k = 0; k < K; ++k) out[k] = lo[k] + hi[k];
     return;
   }
-  acc lanes[K][kLanes] = {};
-  int64_t i = begin;
-  for (; i + kLanes <= end; i += kLanes) {
-    for (int l = 0; l < kLanes; ++l) {
-      acc t[K];
-      term(i + l, t);
-      for (int k = 0; k < K; ++k) lanes[k][l] += t[k];
-    }
-  }
-  for (int l = 0; i < end; ++i, ++l) {
+  for (int k = 0; k < K; ++k) out[k] = acc(0);
+  for (int64_t i = begin; i < end; ++i) {
     acc t[K];
     term(i, t);
-    for (int k = 0; k < K; ++k) lanes[k][l] += t[k];
-  }
-  for (int k = 0; k < K; ++k) {
-    for (int width = kLanes / 2; width > 0; width /= 2) {
-      for (int l = 0; l < width; ++l) lanes[k][l] += lanes[k][l + width];
-    }
-    out[k] = lanes[k][0];
+    for (int k = 0; k < K; ++k) out[k] += t[k];
   }
 }
 
-// out[k][c] = sum over the elements of channel c (memory offsets e) of term(c, e)[k].
-template <int K, typename acc, typename Term>
-void reduce_channels(const BatchNormLayout& L, const Term& term, acc* const* out) {
+// out[k][c] = sum over the elements of channel c of the term kTerm (bn_cpu::run_sum) with m[c].
+template <Term kTerm, typename scalar_t>
+void reduce_channels(const scalar_t* x, const scalar_t* dy, const BatchNormLayout& L,
+                     const acc_t<scalar_t>* m, acc_t<scalar_t>* const* out) {
+  using acc = acc_t<scalar_t>;
+  constexpr int K = bn_cpu::kSums<kTerm>;
   const int64_t C = L.channels;
   if (L.numel() == 0) {
     for (int k = 0; k < K; ++k) std::fill(out[k], out[k] + C, acc(0));
     return;
   }
+  const CpuIsa isa = cpu_isa();
   if (L.inner > 1) {
     const int64_t grain = std::max<int64_t>(1, kCpuGrainElems / L.per_channel());
     at::parallel_for(0, C, grain, [&](int64_t c_begin, int64_t c_end) {
-      std::vector<acc> runs(L.outer * K);
-      for (int64_t c = c_begin; c < c_end; ++c) {
-        for (int64_t o = 0; o < L.outer; ++o) {
-          const int64_t base = (o * C + c) * L.inner;
-          cascade_sum<K>(0, L.inner, [&](int64_t s, acc* t) { term(c, base + s, t); }, &runs[o * K]);
-        }
-        acc total[K];
-        cascade_sum<K>(0, L.outer, [&](int64_t o, acc* t) {
-          for (int k = 0; k < K; ++k) t[k] = runs[o * K + k];
-        }, total);
-        for (int k = 0; k < K; ++k) out[k][c] = total[k];
-      }
+      bn_cpu::channels_sum<kTerm>(isa, x, dy, L, c_begin, c_end, m, out);
     });
     return;
   }
@@ -96,15 +82,8 @@ void reduce_channels(const BatchNormLayout& L, const Term& term, acc* const* out
   at::parallel_for(0, blocks, std::max<int64_t>(1, kCpuGrainElems / (kRowsPerBlock * C)),
                    [&](int64_t b_begin, int64_t b_end) {
     for (int64_t b = b_begin; b < b_end; ++b) {
-      acc* part = &partials[b * K * C];
-      const int64_t r_end = std::min(rows, (b + 1) * kRowsPerBlock);
-      for (int64_t r = b * kRowsPerBlock; r < r_end; ++r) {
-        for (int64_t c = 0; c < C; ++c) {
-          acc t[K];
-          term(c, r * C + c, t);
-          for (int k = 0; k < K; ++k) part[k * C + c] += t[k];
-        }
-      }
+      bn_cpu::rows_sum<kTerm>(isa, x, dy, C, b * kRowsPerBlock, std::min(rows, (b + 1) * kRowsPerBlock), m,
+                              &partials[b * K * C]);
     }
   });
   at::parallel_for(0, C, std::max<int64_t>(1, kCpuGrainElems / blocks), [&](int64_t c_begin, int64_t c_end) {
@@ -132,15 +111,10 @@ void channel_moments(const scalar_t* x, const BatchNormLayout& L, acc_t<scalar_t
     for (int64_t c = 0; c < C; ++c) shift[c] = static_cast<acc>(x[c * L.inner]);  // o = s = 0
   }
   acc* sums[1] = {mean};
-  reduce_channels<1, acc>(L, [&](int64_t c, int64_t e, acc* t) {
-    t[0] = static_cast<acc>(x[e]) - shift[c];
-  }, sums);
+  reduce_channels<Term::kShifted>(x, static_cast<const scalar_t*>(nullptr), L, shift.data(), sums);
   for (int64_t c = 0; c < C; ++c) mean[c] = L.numel() > 0 ? shift[c] + mean[c] / n : acc(0);
   acc* squares[1] = {m2};
-  reduce_channels<1, acc>(L, [&](int64_t c, int64_t e, acc* t) {
-    const acc d = static_cast<acc>(x[e]) - mean[c];
-    t[0] = d * d;
-  }, squares);
+  reduce_channels<Term::kSquares>(x, static_cast<const scalar_t*>(nullptr), L, mean, squares);
 }
 
 template <typename scalar_t>
@@ -148,11 +122,7 @@ void channel_grad_sums(const scalar_t* dy, const scalar_t* x, const BatchNormLay
                        const acc_t<scalar_t>* mean, acc_t<scalar_t>* sum_dy, acc_t<scalar_t>* sum_dy_xmu) {
   using acc = acc_t<scalar_t>;
   acc* outs[2] = {sum_dy, sum_dy_xmu};
-  reduce_channels<2, acc>(L, [&](int64_t c, int64_t e, acc* t) {
-    const acc g = static_cast<acc>(dy[e]);
-    t[0] = g;
-    t[1] = g * (static_cast<acc>(x[e]) - mean[c]);
-  }, outs);
+  reduce_channels<Term::kGrad>(x, dy, L, mean, outs);
 }
 
 #define FUSEDREG_BN_CPU_REDUCTIONS(scalar_t)                                                                \

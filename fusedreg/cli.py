@@ -3,7 +3,7 @@
 env    what this machine offers fusedreg: versions, GPU, toolkit, cache, each backend usable or why
        not. Builds nothing, so it is safe to run first when something is wrong.
 build  builds the C++/CUDA libraries now, with progress, instead of on first use.
-bench  times the registered benchmark cases (fusedreg/bench/) and writes a table, JSON and a PNG.
+bench  times the registered benchmark cases (fusedreg/bench/) and writes a table (text), JSON and a PNG.
 """
 from __future__ import annotations
 
@@ -202,16 +202,22 @@ def _cmd_bench(args, parser: argparse.ArgumentParser) -> int:
                      + (f" in {', '.join(str(d).removeprefix('torch.') for d in args.dtype)}"
                         if args.dtype else ""))
 
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads must be at least 1, got {args.threads}")
     doc = harness.run(args.ops, device, args.dtype, quick=args.quick, min_elements=args.min_elements,
-                      compiled=not args.no_compile, budget_s=args.budget)
-    print(report.format_table(doc), flush=True)
+                      compiled=not args.no_compile, budget_s=args.budget, threads=args.threads)
+    table = report.format_table(doc)
+    print(table, flush=True)
     if doc["left_out_by_budget"]:
         print(f"\ntime budget of {args.budget:g} s reached: {len(doc['left_out_by_budget'])} measurement(s) "
               f"left out: {', '.join(doc['left_out_by_budget'])}", flush=True)
     json_path = args.json or os.path.join("bench-out", f"bench-{device}.json")
     plot_path = args.plot or os.path.join("bench-out", f"bench-{device}.png")
+    table_path = args.table or os.path.join("bench-out", f"bench-{device}.txt")
     report.write_json(doc, json_path)
     print(f"\nwrote {json_path}")
+    report.write_text(table, table_path)
+    print(f"wrote {table_path}")
     note = plot.write_png(doc, plot_path)
     print(f"plot: {note}" if note else f"wrote {plot_path}")
 
@@ -245,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--cuda", action="store_true", help="build only fusedreg_cuda (fail if it cannot build)")
     which.add_argument("--cpu", action="store_true", help="build only fusedreg_cpu (fail if it cannot build)")
 
-    bench = sub.add_parser("bench", help="time the benchmark cases; table, JSON and PNG",
+    bench = sub.add_parser("bench", help="time the benchmark cases; table (text), JSON and PNG",
                            description="Time fusedreg against PyTorch per op, size and dtype; report GB/s "
                                        "and % of the copy bandwidth measured in the same run.")
     bench.add_argument("ops", nargs="*", metavar="OP", help="ops to run (default: all; see --list)")
@@ -258,7 +264,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--no-compile", action="store_true", help="leave out the torch.compile baselines")
     bench.add_argument("--budget", type=float, metavar="SECONDS",
                        help="start no new measurement after SECONDS; what was measured is still written")
+    bench.add_argument("--threads", type=int, metavar="N",
+                       help="torch threads for the run (default: every core this process may use); "
+                            "named in the table header")
     bench.add_argument("--json", metavar="PATH", help="default: bench-out/bench-<device>.json")
+    bench.add_argument("--table", metavar="PATH", help="the printed table, as text; default: "
+                                                        "bench-out/bench-<device>.txt")
     bench.add_argument("--plot", metavar="PATH", help="default: bench-out/bench-<device>.png")
     bench.add_argument("--list", action="store_true", help="list the registered cases and exit")
     bench.add_argument("--static", action="store_true",

@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -64,7 +65,14 @@ def test_bench_copy_quick_writes_json_and_png(tmp_path):
         assert subject["pct_copy_bw"] == pytest.approx(100 * subject["gbps"] / doc["copy_bandwidth"]["gbps"])
         assert subject["peak_memory_bytes"] is None  # no allocator statistics on CPU
         clone = entry["impls"]["torch clone"]
-        assert entry["ratios"]["torch clone"] == pytest.approx(clone["time_ms"] / subject["time_ms"])
+        # paired per-round ratios (interleaved timing): their median sits inside their own band
+        low, high = entry["ratio_bands"]["torch clone"]
+        assert 0 < low <= entry["ratios"]["torch clone"] <= high
+        for r in (subject, clone):
+            assert r["samples"] >= 11 and r["band"] == pytest.approx(
+                (r["time_ms_q80"] - r["time_ms_q20"]) / r["time_ms"])
+            assert r["wide_band"] == (r["band"] > 0.3)
+    assert doc["threads"] >= 1 and doc["interleaved"]
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -89,6 +97,125 @@ def test_bench_default_outputs_go_to_bench_out(tmp_path, monkeypatch, capsys):
     assert cli.main(["bench", "copy", "--quick", "--device", "cpu", "--dtype", "bfloat16"]) == 0
     assert json.loads((tmp_path / "bench-out" / "bench-cpu.json").read_text())["results"]
     assert (tmp_path / "bench-out" / "bench-cpu.png").stat().st_size > 0
+    table = (tmp_path / "bench-out" / "bench-cpu.txt").read_text()
+    assert table == capsys.readouterr().out.split("\nwrote ")[0].rstrip("\n") + "\n"
+    assert "copy/copy_" in table and "threads: " in table and "band" in table
+
+
+def test_bench_threads_option_sets_and_restores_the_thread_count(tmp_path, capsys):
+    before = torch.get_num_threads()
+    assert cli.main(["bench", "copy", "--quick", "--device", "cpu", "--dtype", "float32", "--threads", "1",
+                     "--json", str(tmp_path / "b.json"), "--plot", str(tmp_path / "b.png"),
+                     "--table", str(tmp_path / "b.txt")]) == 0
+    doc = json.loads((tmp_path / "b.json").read_text())
+    assert doc["threads"] == 1 and doc["machine"]["torch_threads"] == 1
+    load = doc["load_average"]
+    assert load["cores"] >= 1 and load["start"] is None or load["start"] >= 0
+    assert "threads: 1;" in (tmp_path / "b.txt").read_text()
+    assert torch.get_num_threads() == before
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "copy", "--device", "cpu", "--threads", "0"])
+    assert "--threads must be at least 1" in capsys.readouterr().err
+
+
+def test_interleaved_timing_pairs_rounds_and_flags_wide_bands(monkeypatch):
+    """The CPU timer runs every implementation once per round in a rotating order; the harness's
+    ratios are medians of per-round ratios, so load that slows one round slows both sides."""
+    from fusedreg.bench import harness, report
+    from fusedreg.bench.timing import CpuTimer
+
+    calls = []
+
+    def call(name):
+        def fn():
+            calls.append(name)
+            time.sleep(2e-4)  # longer than a batch: one call per round
+        return fn
+
+    timer = CpuTimer(budget_s=0.0, min_samples=4, max_samples=4)
+    samples = timer.time_interleaved({"a": call("a"), "b": call("b")})
+    assert [len(v) for v in samples.values()] == [4, 4] and min(samples["a"]) >= 0.2
+    assert calls[4:] == ["a", "b", "b", "a"] * 2  # after two warm-up calls each; rotating start
+    # far over budget: min_samples gives way to 5 rounds
+    calls.clear()
+    samples = CpuTimer(budget_s=0.0, min_samples=9, max_samples=9).time_interleaved({"a": call("a")})
+    assert len(samples["a"]) == 5
+
+    impls = {"subject": {"ok": True, "time_ms": 2.0}, "base": {"ok": True, "time_ms": 3.0}}
+    # base is 1.5x slower in every round, while both swing 10x between rounds
+    ours = [1.0, 10.0, 1.0, 10.0, 1.0, 10.0, 1.0]
+    ratios, bands = harness._ratios(impls, "subject", {"subject": ours, "base": [1.5 * t for t in ours]})
+    assert ratios["base"] == pytest.approx(1.5) and bands["base"] == pytest.approx([1.5, 1.5])
+    ratios, bands = harness._ratios(impls, "subject", None)  # no samples: ratio of the medians
+    assert ratios["base"] == pytest.approx(1.5) and bands["base"] is None
+
+    wide = harness._result(harness.quantiles(ours), copy_gbps=1.0, bytes_moved=10**6)
+    narrow = harness._result(harness.quantiles([1.0, 1.1, 1.0, 1.05, 1.0]), copy_gbps=1.0, bytes_moved=10**6)
+    assert wide["wide_band"] and not narrow["wide_band"]
+    entry = {"op": "o", "case": "c", "size_label": "s", "dtype": "float32", "subject": "subject",
+             "impls": {"subject": wide, "base": narrow}, "ratios": {"base": 0.5},
+             "ratio_bands": {"base": [0.4, 0.6]}, "in_cache": True, "note": ""}
+    doc = {"results": [entry], "copy_bandwidth": {"gbps": 1.0, "method": "m"}, "device": "cpu",
+           "machine": {"cpu": "x", "cpu_count": 2, "torch": "t"}, "timer": "t", "quick": True,
+           "threads": 2, "interleaved": True, "cache_bytes": 2**25}
+    table = report.format_table(doc)
+    assert "threads: 2" in table and " !" in table and "0.50x (0.40-0.60)" in table
+    assert "machine load" not in table  # not recorded: nothing said
+    doc["load_average"] = {"start": 0.2, "end": 2.1, "cores": 2}
+    assert "load average 0.2 before the run, 2.1 after, on 2 cores" in report.format_table(doc)
+    assert "warning: other processes" not in report.format_table(doc)
+    doc["load_average"]["start"] = 3.5
+    assert "warning: other processes" in report.format_table(doc)
+    doc["threads"] = 1
+    assert "warning: other processes" not in report.format_table(doc)
+    doc["threads"] = 2
+    assert report.wide_bands(doc) == ["o/c float32 s subject"]
+    assert report.slower_rows(doc) == ["o/c float32 s: base 0.50x"]
+    assert "c  " in table.split("0.50x")[0].splitlines()[-1]  # in-cache % copy marked
+
+
+def test_progress_counts_measurements_and_estimates_the_rest(monkeypatch):
+    from fusedreg.bench import harness
+
+    monkeypatch.setattr(registry, "_CASES", {})
+    registry.register(registry.Case(
+        op="fake", name="p", make=lambda size, dtype, device: torch.ones(size),
+        bytes_moved=lambda size, dtype: 8 * size, impls={"subject": lambda x: (lambda: x * 2)},
+        sizes=[4, 8, 16], dtypes=[torch.float32, torch.bfloat16]))
+    monkeypatch.setattr(harness, "copy_bandwidth", lambda device, timer, quick: {
+        "bytes": 1, "time_ms": 1.0, "time_ms_q20": 1.0, "time_ms_q80": 1.0, "gbps": 1.0, "method": "fake"})
+    lines = []
+    harness.run(["fake"], "cpu", quick=True, progress=lines.append)
+    steps = [line for line in lines if line.startswith("[")]
+    assert [s.split("]")[0] for s in steps] == [f"[{k}/6" for k in range(1, 7)]
+    assert "left)" not in steps[0] and all("left)" in s for s in steps[1:])
+
+
+def test_plot_draws_shapes_as_bars_and_counts_as_lines(tmp_path, monkeypatch):
+    """Cases sized by shapes (BatchNorm) must not be joined by a line across unrelated shapes."""
+    import matplotlib.axes
+
+    drawn = {"plot": 0, "bar": 0}
+    for kind in drawn:
+        original = getattr(matplotlib.axes.Axes, kind)
+
+        def counting(self, *args, _kind=kind, _original=original, **kwargs):
+            drawn[_kind] += 1
+            return _original(self, *args, **kwargs)
+        monkeypatch.setattr(matplotlib.axes.Axes, kind, counting)
+
+    def entry(op, size, label, dtype):
+        r = {"ok": True, "gbps": 1.0, "time_ms": 1.0}
+        return {"op": op, "case": "c", "size": size, "size_label": label, "dtype": dtype,
+                "bytes_moved": 1024, "in_cache": True, "impls": {"ours": r, "theirs": dict(r)}}
+
+    results = [entry("counts", n, str(n), d) for d in ("float32", "bfloat16") for n in (1, 2)]
+    results += [entry("shapes", [2, 3, s, "nchw"], f"2x3x{s}", d) for d in ("float32", "bfloat16")
+                for s in (4, 5)]
+    doc = {"results": results, "copy_bandwidth": {"gbps": 1.0}, "device": "cpu", "threads": 1,
+           "machine": {"cpu": "x", "cpu_count": 1, "torch": "t"}, "cache_bytes": 2048}
+    assert plot.write_png(doc, tmp_path / "p.png") is None
+    assert drawn == {"plot": 4, "bar": 4}  # (ours, theirs) x (float32, bfloat16), each way once
 
 
 def test_plot_without_matplotlib_is_a_note(tmp_path, monkeypatch):

@@ -110,9 +110,12 @@ def _eval_forward(make_fn):
 
 
 def _leaves(inputs):
+    """Fresh leaves, and running statistics of the implementation's own: implementations are
+    timed interleaved, and a graph kept for backward (torch saves the running statistics) must
+    not see another implementation's forward update them in place."""
     x, weight, bias, running_mean, running_var = inputs
     leaves = [t.detach().requires_grad_() for t in (x, weight, bias)]
-    return leaves, (running_mean, running_var)
+    return leaves, (running_mean.clone(), running_var.clone())
 
 
 def _backward(make_fn):

@@ -11,7 +11,8 @@ import subprocess
 
 import torch
 
-__all__ = ["machine_info", "machine_label", "cpu_model", "nvidia_driver", "triton_version"]
+__all__ = ["machine_info", "machine_label", "cpu_model", "nvidia_driver", "triton_version",
+           "last_level_cache_bytes"]
 
 
 def cpu_model() -> str:
@@ -21,6 +22,25 @@ def cpu_model() -> str:
                 if line.startswith("model name"):
                     return line.split(":", 1)[1].strip()
     return platform.processor() or platform.machine()
+
+
+def last_level_cache_bytes() -> int | None:
+    """Size of the CPU's largest cache level as Linux reports it for cpu0 (None if unknown): a
+    benchmark whose bytes fit in it may be timed out of cache and beat the copy bandwidth."""
+    root = "/sys/devices/system/cpu/cpu0/cache"
+    best = None
+    with contextlib.suppress(OSError):
+        for index in sorted(os.listdir(root)):
+            with contextlib.suppress(OSError, ValueError):
+                with open(os.path.join(root, index, "level")) as f:
+                    level = int(f.read())
+                with open(os.path.join(root, index, "size")) as f:
+                    text = f.read().strip()
+                scale = {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1:].upper(), 1)
+                size = int(text.rstrip("KMGkmg")) * scale
+                if best is None or level > best[0] or (level == best[0] and size > best[1]):
+                    best = (level, size)
+    return best[1] if best else None
 
 
 def nvidia_driver() -> str | None:
@@ -75,6 +95,8 @@ def machine_info(device: str) -> dict:
         "cpu_count": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
+        "cpu_capability": _cpu_capability(),
+        "last_level_cache_bytes": last_level_cache_bytes(),
         "cuda": torch.version.cuda,
         "triton": triton_version(),
     }
@@ -83,6 +105,13 @@ def machine_info(device: str) -> dict:
         info["driver"] = nvidia_driver()
         info["cuda_driver_api"] = cuda_driver_api()
     return info
+
+
+def _cpu_capability() -> str:
+    """ATen's CPU capability (the SIMD level torch's own CPU kernels run at), when torch says."""
+    with contextlib.suppress(Exception):
+        return torch.backends.cpu.get_cpu_capability()
+    return "unknown"
 
 
 def machine_label(info: dict) -> str:

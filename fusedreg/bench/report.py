@@ -1,4 +1,4 @@
-"""Benchmark results as a terminal table and as a JSON file (the PNG is in plot.py)."""
+"""Benchmark results as a table (terminal and text file) and as a JSON file (the PNG is in plot.py)."""
 from __future__ import annotations
 
 import json
@@ -7,7 +7,8 @@ from itertools import groupby
 
 from .machine import machine_label
 
-__all__ = ["format_table", "write_json", "format_time", "format_bytes"]
+__all__ = ["format_table", "write_json", "write_text", "format_time", "format_bytes", "wide_bands",
+           "slower_rows"]
 
 
 def format_time(ms: float | None) -> str:
@@ -34,15 +35,30 @@ def _short(text: str, width: int = 70) -> str:
     return text if len(text) <= width else text[:width - 3] + "..."
 
 
+def _band(r: dict) -> str:
+    """The q20..q80 band as a percentage of the median, '!' when it is wide."""
+    band = r.get("band")
+    if band is None:
+        return "-"
+    return f"{100 * band:.0f}%" + (" !" if r.get("wide_band") else "")
+
+
+def _speedup(entry: dict, name: str) -> str:
+    ratio = entry["ratios"].get(name)
+    if ratio is None:
+        return "n/a"
+    band = (entry.get("ratio_bands") or {}).get(name)
+    return f"{ratio:.2f}x" + (f" ({band[0]:.2f}-{band[1]:.2f})" if band else "")
+
+
 def _impl_row(entry: dict, name: str, r: dict, columns: set[str]) -> list[str]:
     if not r.get("ok"):
         why = f"n/a: {r['skipped']}" if "skipped" in r else f"ERROR {r.get('error', '')}"
         return [name, _short(why)]
-    ratio = entry["ratios"].get(name)
+    pct = f"{r['pct_copy_bw']:.0f}%" + (" c" if entry.get("in_cache") else "")
     row = [name, format_time(r["time_ms"]),
-           f"{format_time(r['time_ms_q20'])} .. {format_time(r['time_ms_q80'])}",
-           f"{r['gbps']:.1f}", f"{r['pct_copy_bw']:.0f}%",
-           "subject" if name == entry["subject"] else ("n/a" if ratio is None else f"{ratio:.2f}x")]
+           f"{format_time(r['time_ms_q20'])} .. {format_time(r['time_ms_q80'])}", _band(r),
+           f"{r['gbps']:.1f}", pct, "subject" if name == entry["subject"] else _speedup(entry, name)]
     if "graph" in columns:
         row.append(format_time(r["graph_time_ms"]) if "graph_time_ms" in r
                    else ("failed" if "graph_error" in r else "-"))
@@ -59,12 +75,46 @@ def _render(rows: list[list[str]]) -> list[str]:
             for row in rows]
 
 
+def wide_bands(doc: dict) -> list[str]:
+    """'case dtype size impl' of every measurement whose q20..q80 band is wide."""
+    return [f"{e['op']}/{e['case']} {e['dtype']} {e['size_label']} {name}"
+            for e in doc["results"] for name, r in e["impls"].items() if r.get("wide_band")]
+
+
+def slower_rows(doc: dict) -> list[str]:
+    """'case dtype size: baseline ratio' where the subject is slower than a baseline (ratio < 1)."""
+    return [f"{e['op']}/{e['case']} {e['dtype']} {e['size_label']}: {name} {ratio:.2f}x"
+            for e in doc["results"] for name, ratio in e["ratios"].items()
+            if ratio is not None and ratio < 1]
+
+
 def format_table(doc: dict) -> str:
     bw = doc["copy_bandwidth"]
+    threads = doc.get("threads", doc["machine"].get("torch_threads"))
+    wide = doc.get("wide_band", 0.3)
     out = [f"fusedreg bench on {doc['device']}: {machine_label(doc['machine'])}",
-           f"timer: {doc['timer']}{' (quick)' if doc['quick'] else ''}; "
-           f"copy bandwidth: {bw['gbps']:.1f} GB/s ({bw['method']})",
-           "GB/s = floor bytes / median time; speedup = baseline time / subject time (> 1: subject faster)"]
+           f"timer: {doc['timer']}{' (quick)' if doc['quick'] else ''}"
+           + (", implementations interleaved round by round" if doc.get("interleaved") else "")
+           + f"; threads: {threads}; copy bandwidth: {bw['gbps']:.1f} GB/s ({bw['method']})",
+           "GB/s = floor bytes / median time; band = (q80 - q20) / median, '!' above "
+           f"{100 * wide:.0f}% (too noisy to trust)",
+           "speedup = baseline time / subject time (> 1: subject faster)"
+           + (", the median of per-round paired ratios, their q20-q80 in brackets"
+              if doc.get("interleaved") else "")]
+    load = doc.get("load_average") or {}
+    if load.get("start") is not None:
+        out.append(f"machine load: 1-min load average {load['start']:g} before the run, {load['end']:g} "
+                   f"after, on {load['cores']} cores")
+        if load["start"] > 0.5 * load["cores"] and threads and threads > 1:
+            out.append("warning: other processes were using the cores before the run started: with "
+                       f"{threads} threads a parallel region can wait for a thread the OS has "
+                       "descheduled, and times then cluster at multiples of the scheduler's time slice "
+                       "(~4-8 ms) whatever the kernel; trust only --threads 1 rows, or rerun on a quiet "
+                       "machine")
+    if doc.get("cache_bytes"):
+        out.append(f"% copy marked c: the floor bytes fit in the {format_bytes(doc['cache_bytes'])} "
+                   "last-level cache, so the case may run out of cache, above the (out-of-cache) copy "
+                   "bandwidth")
     for module, error in doc.get("load_errors", {}).items():
         out.append(f"warning: fusedreg.bench.{module} failed to import: {_short(error, 200)}")
     for (op, case), entries in groupby(doc["results"], key=lambda e: (e["op"], e["case"])):
@@ -74,7 +124,8 @@ def format_table(doc: dict) -> str:
             columns.add("graph")
         if any("peak_memory_bytes" in r for e in entries for r in e["impls"].values()):
             columns.add("memory")
-        header = ["size", "dtype", "implementation", "median", "q20 .. q80", "GB/s", "% copy", "speedup"]
+        header = ["size", "dtype", "implementation", "median", "q20 .. q80", "band", "GB/s", "% copy",
+                  "speedup"]
         header += ["graph replay"] * ("graph" in columns) + ["peak memory"] * ("memory" in columns)
         rows = [header]
         for entry in entries:
@@ -87,7 +138,20 @@ def format_table(doc: dict) -> str:
         out += ["", f"{op}/{case}" + (f" - {note}" if note else "")] + _render(rows)
     if not doc["results"]:
         out += ["", "no cases ran"]
+    noisy = wide_bands(doc)
+    if noisy:
+        out += ["", f"{len(noisy)} measurement(s) with a band above {100 * wide:.0f}% (machine busy? "
+                    "rerun, or compare their speedup brackets): " + "; ".join(noisy)]
+    slower = slower_rows(doc)
+    if slower:
+        out += ["", f"{len(slower)} row(s) where the subject is slower than a baseline: " + "; ".join(slower)]
     return "\n".join(out)
+
+
+def write_text(text: str, path: str | os.PathLike) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(text.rstrip("\n") + "\n")
 
 
 def write_json(doc: dict, path: str | os.PathLike) -> None:

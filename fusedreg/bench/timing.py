@@ -2,8 +2,11 @@
 
 CUDA: triton.testing.do_bench when importable (it flushes L2 before every repetition, so small
 sizes are not timed out of cache), else CUDA events with the same L2 flush. CPU: perf_counter
-around batches of calls, as many as a time budget allows, so a quick run of every case on a small
-machine stays well under a minute. All report the median and the 20th/80th percentiles in ms.
+around batches of calls, and `CpuTimer.time_interleaved` for a case's implementations together:
+rounds in which every implementation runs one batch, in an order rotated from round to round, so
+that a burst of load from other processes lands on subject and baselines alike and the ratio of
+each round's pair of times stays meaningful when the times themselves swing. All report the
+median and the 20th/80th percentiles in ms.
 """
 from __future__ import annotations
 
@@ -15,7 +18,12 @@ from typing import Any, Callable
 
 import torch
 
-__all__ = ["Measurement", "Timer", "make_timer", "peak_memory_bytes"]
+__all__ = ["Measurement", "Timer", "make_timer", "peak_memory_bytes", "quantiles", "WIDE_BAND"]
+
+# A q20..q80 band wider than this fraction of the median marks a measurement as noisy.
+WIDE_BAND = 0.3
+# Interleaved rounds a measurement gets however slow its slowest implementation is.
+_MIN_ROUNDS = 5
 
 
 @dataclass(frozen=True)
@@ -26,7 +34,8 @@ class Measurement:
     reps: int | None = None
 
 
-def _quantiles(samples_ms: list[float]) -> Measurement:
+def quantiles(samples_ms: list[float]) -> Measurement:
+    """Median, 20th and 80th percentile (nearest rank) of some samples."""
     ordered = sorted(samples_ms)
 
     def at(q: float) -> float:
@@ -55,6 +64,41 @@ class CpuTimer(Timer):
         self.min_samples = min_samples
         self.max_samples = max_samples
 
+    def time_interleaved(self, fns: dict[str, Callable[[], Any]]) -> dict[str, list[float]]:
+        """Per-round times in ms of each callable, timed together: round r runs one batch of every
+        callable, starting at a different one each round. Samples of one round are aligned across
+        callables (index r), for paired ratios. Each callable gets about budget_s in all, at least
+        min_samples rounds and at most max_samples."""
+        names = list(fns)
+        inner, once = {}, {}
+        for name in names:
+            fns[name]()  # first call pays for lazy initialisation and allocator growth
+            start = time.perf_counter()
+            fns[name]()
+            once[name] = max(time.perf_counter() - start, 1e-7)
+            # Calls shorter than ~100 us are batched so perf_counter's own cost stays negligible.
+            inner[name] = max(1, math.ceil(1e-4 / once[name]))
+        per_round = sum(once[n] * inner[n] for n in names)
+        rounds = int(self.budget_s * len(names) / per_round)
+        rounds = min(self.max_samples, max(self.min_samples, rounds))
+        deadline = time.perf_counter() + self.budget_s * len(names)
+        samples: dict[str, list[float]] = {name: [] for name in names}
+        for r in range(rounds):
+            for name in names[r % len(names):] + names[:r % len(names)]:
+                fn, reps = fns[name], inner[name]
+                start = time.perf_counter()
+                for _ in range(reps):
+                    fn()
+                samples[name].append((time.perf_counter() - start) / reps * 1e3)
+            now = time.perf_counter()
+            if now > deadline and r + 1 >= self.min_samples:
+                break
+            # an implementation far slower than the budget (an eager reference at the largest
+            # size) stops the rounds early, with a band that is still a band
+            if now > deadline + 3 * self.budget_s * len(names) and r + 1 >= _MIN_ROUNDS:
+                break
+        return samples
+
     def time(self, fn):
         fn()  # first call pays for lazy initialisation and allocator growth
         start = time.perf_counter()
@@ -76,7 +120,7 @@ class CpuTimer(Timer):
             # stalls later parallel regions); the wall-clock budget holds regardless.
             if end > deadline and len(times) >= self.min_samples:
                 break
-        return _quantiles(times)
+        return quantiles(times)
 
 
 class _CudaTimerBase(Timer):
@@ -139,12 +183,14 @@ class CudaEventTimer(_CudaTimerBase):
             fn()
             finish.record()
         torch.cuda.synchronize()
-        return _quantiles([begin.elapsed_time(finish) for begin, finish in events])
+        return quantiles([begin.elapsed_time(finish) for begin, finish in events])
 
 
 def make_timer(device: str, quick: bool) -> Timer:
     if device == "cpu":
-        return CpuTimer(budget_s=0.05, min_samples=3) if quick else CpuTimer(budget_s=0.5, min_samples=5)
+        # At least 11 interleaved rounds even in a quick run: q20 and q80 are then the 3rd and
+        # 9th samples, not the extremes, and a noisy case shows as a wide band.
+        return CpuTimer(budget_s=0.1, min_samples=11) if quick else CpuTimer(budget_s=0.5, min_samples=21)
     try:
         import triton.testing  # noqa: F401
     except Exception:

@@ -1,0 +1,433 @@
+// The inner loops of the CPU BatchNorm kernels (batch_norm.cpp, batch_norm_stats.cpp), compiled once
+// per instruction-set level (csrc/common/cpu_isa.h) and picked at run time.
+//
+// The sums use explicit GCC vectors (kLanes = 16 lanes as 1, 2 or 4 registers of the level's
+// width), so that their order of additions is fixed by the layout alone and they do not depend on
+// the auto-vectorizer; the elementwise loops are plain branch-free loops over contiguous memory,
+// left to it. Loads widen to the accumulation type (bf16 by a 16-bit shift, no per-element call)
+// and stores round like c10 (cpu_vec.h). The same source is instantiated inside
+// FUSEDREG_TARGET_AVX512 / _AVX2 functions and plain ones (SSE2), so the levels differ only in
+// instruction selection; the compiler may contract a * b + c into one fused multiply-add where the
+// level has it, which changes the last bit of some results (within the tolerances every test
+// uses) but never the order of additions: results stay independent of the thread count.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+#include "batch_norm_layout.h"
+#include "common/cpu_isa.h"
+#include "common/cpu_vec.h"
+#include "common/dispatch.h"
+
+namespace fusedreg {
+namespace bn_cpu {
+
+// 16-byte-aligned GCC vectors passed between functions change the ABI below AVX (-Wpsabi); these
+// never cross a call (everything here is always_inline into one entry function per level).
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
+
+#if defined(__GNUC__) || defined(__clang__)
+#define FUSEDREG_LAMBDA_INLINE __attribute__((always_inline))
+#else
+#define FUSEDREG_LAMBDA_INLINE
+#endif
+
+constexpr int kLanes = 16;             // independent partial sums per run (one AVX-512 register)
+constexpr int64_t kCascadeBlock = 128;  // values (8 per lane) summed before sums are paired
+
+template <typename scalar_t>
+FUSEDREG_ALWAYS_INLINE acc_t<scalar_t> load(const scalar_t* p, int64_t i) {
+  if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+    return cpu_vec::bf16_bits_to_float(reinterpret_cast<const uint16_t*>(p)[i]);
+  } else {
+    return static_cast<acc_t<scalar_t>>(p[i]);
+  }
+}
+
+template <typename scalar_t>
+FUSEDREG_ALWAYS_INLINE void store(scalar_t* p, int64_t i, acc_t<scalar_t> v) {
+  if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+    reinterpret_cast<uint16_t*>(p)[i] = cpu_vec::float_to_bf16_bits(v);
+  } else {
+    p[i] = static_cast<scalar_t>(v);
+  }
+}
+
+// What a reduction sums per element: x - m (kShifted), (x - m)^2 (kSquares), or both dy and
+// dy * (x - m) (kGrad, two sums).
+enum class Term { kShifted, kSquares, kGrad };
+
+template <Term kTerm>
+constexpr int kSums = kTerm == Term::kGrad ? 2 : 1;
+
+// kLanes lanes of acc as kSub GCC vectors of kBytes each: explicit vectors, so that the sums do
+// not depend on the auto-vectorizer. Each level uses its register width (64 bytes for AVX-512, 32
+// for AVX2, 16 for SSE2: a wider GCC vector than the target's registers compiles to spills); the
+// lanes, and so the order of every addition, are the same at every width.
+template <typename acc, int kBytes>
+struct Lanes {
+  typedef acc type __attribute__((vector_size(kBytes)));
+  static constexpr int kPer = kBytes / static_cast<int>(sizeof(acc));  // lanes per vector
+  static constexpr int kSub = kLanes / kPer;                          // vectors per kLanes lanes
+};
+
+// Lanes::kPer values from p, widened to acc.
+template <int kBytes, typename scalar_t>
+FUSEDREG_ALWAYS_INLINE typename Lanes<acc_t<scalar_t>, kBytes>::type load_vec(const scalar_t* p) {
+  using acc = acc_t<scalar_t>;
+  using V = typename Lanes<acc, kBytes>::type;
+  constexpr int kPer = Lanes<acc, kBytes>::kPer;
+  V v;
+  if constexpr (std::is_same_v<scalar_t, acc>) {
+    std::memcpy(&v, p, sizeof v);
+  } else if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+    using H = typename Lanes<uint16_t, kPer * 2>::type;
+    using W = typename Lanes<uint32_t, kPer * 4>::type;
+    H h;
+    std::memcpy(&h, p, sizeof h);
+    const W w = __builtin_convertvector(h, W) << 16;
+    std::memcpy(&v, &w, sizeof v);
+  } else {
+    for (int l = 0; l < kPer; ++l) v[l] = static_cast<acc>(p[l]);
+  }
+  return v;
+}
+
+// out[k] = sum over the elements of channel c (its `outer` runs of `inner` contiguous values) of
+// term(x, dy)[k]. Each run is read kLanes values at a time (its last, partial group padded with
+// zeros, which add nothing) into vector accumulators shared by all the channel's runs; every
+// kCascadeBlock / kLanes groups the accumulators join a binary tree of block sums (pairwise, so
+// error grows with log n, not n), and the lanes are added in a fixed tree once per channel. The
+// order of every addition depends only on the layout; a run costs no per-run reduction, so short
+// runs (7x7 planes) stay cheap.
+template <int kBytes, Term kTerm, typename scalar_t>
+FUSEDREG_ALWAYS_INLINE void channel_sum(const scalar_t* x, const scalar_t* dy, const BatchNormLayout& L, int64_t c,
+                                        acc_t<scalar_t> m, acc_t<scalar_t>* out) {
+  using acc = acc_t<scalar_t>;
+  using V = typename Lanes<acc, kBytes>::type;
+  constexpr int kPer = Lanes<acc, kBytes>::kPer, kSub = Lanes<acc, kBytes>::kSub;
+  constexpr int K = kSums<kTerm>;
+  constexpr int kGroupsPerBlock = static_cast<int>(kCascadeBlock / kLanes);
+  V stack[64][2][kSub];  // stack[l]: the sums of 2**l blocks, pending their partner
+  V s0[kSub] = {}, s1[kSub] = {};
+  int groups = 0;
+  int64_t block = 0;
+  auto close_block = [&]() FUSEDREG_LAMBDA_INLINE {
+    int level = 0;
+    for (; (block >> level) & 1; ++level) {
+      for (int h = 0; h < kSub; ++h) {
+        s0[h] = stack[level][0][h] + s0[h];
+        s1[h] = stack[level][1][h] + s1[h];
+      }
+    }
+    for (int h = 0; h < kSub; ++h) {
+      stack[level][0][h] = s0[h];
+      stack[level][1][h] = s1[h];
+      s0[h] = V{};
+      s1[h] = V{};
+    }
+    groups = 0;
+    ++block;
+  };
+  for (int64_t o = 0; o < L.outer; ++o) {
+    const int64_t base = (o * L.channels + c) * L.inner;
+    const scalar_t* xr = x + base;
+    const scalar_t* gr = kTerm == Term::kGrad ? dy + base : nullptr;
+    int64_t i = 0;
+    for (; i + kLanes <= L.inner; i += kLanes) {
+      for (int h = 0; h < kSub; ++h) {
+        const V v = load_vec<kBytes>(xr + i + h * kPer) - m;
+        if constexpr (kTerm == Term::kShifted) {
+          s0[h] += v;
+        } else if constexpr (kTerm == Term::kSquares) {
+          s0[h] += v * v;
+        } else {
+          const V g = load_vec<kBytes>(gr + i + h * kPer);
+          s0[h] += g;
+          s1[h] += g * v;
+        }
+      }
+      if (++groups == kGroupsPerBlock) close_block();
+    }
+    if (i < L.inner && base + i + kLanes <= L.numel()) {
+      // the tail as whole vectors: the values past it belong to the tensor (other channels or
+      // planes) and are selected away, not multiplied (they may be inf or NaN)
+      const acc rem = static_cast<acc>(L.inner - i);
+      for (int h = 0; h < kSub; ++h) {
+        V lane;
+        for (int l = 0; l < kPer; ++l) lane[l] = static_cast<acc>(h * kPer + l);
+        const V v = lane < rem ? load_vec<kBytes>(xr + i + h * kPer) - m : V{};
+        if constexpr (kTerm == Term::kShifted) {
+          s0[h] += v;
+        } else if constexpr (kTerm == Term::kSquares) {
+          s0[h] += v * v;
+        } else {
+          const V g = lane < rem ? load_vec<kBytes>(gr + i + h * kPer) : V{};
+          s0[h] += g;
+          s1[h] += g * v;
+        }
+      }
+      if (++groups == kGroupsPerBlock) close_block();
+    } else if (i < L.inner) {  // the tensor's last values: element by element
+      acc v[kLanes] = {}, g[kLanes] = {};
+      for (int l = 0; i + l < L.inner; ++l) {
+        v[l] = load(xr, i + l) - m;
+        if constexpr (kTerm == Term::kGrad) g[l] = load(gr, i + l);
+      }
+      for (int h = 0; h < kSub; ++h) {
+        V vv, gv;
+        std::memcpy(&vv, v + h * kPer, sizeof vv);
+        std::memcpy(&gv, g + h * kPer, sizeof gv);
+        if constexpr (kTerm == Term::kShifted) {
+          s0[h] += vv;
+        } else if constexpr (kTerm == Term::kSquares) {
+          s0[h] += vv * vv;
+        } else {
+          s0[h] += gv;
+          s1[h] += gv * vv;
+        }
+      }
+      if (++groups == kGroupsPerBlock) close_block();
+    }
+  }
+  if (groups > 0) close_block();
+  // the pending block sums, smallest first, then the lanes
+  V t0[kSub] = {}, t1[kSub] = {};
+  bool any = false;
+  for (int level = 0; level < 64; ++level) {
+    if ((block >> level) & 1) {
+      for (int h = 0; h < kSub; ++h) {
+        t0[h] = any ? stack[level][0][h] + t0[h] : stack[level][0][h];
+        t1[h] = any ? stack[level][1][h] + t1[h] : stack[level][1][h];
+      }
+      any = true;
+    }
+  }
+  acc l0[kLanes], l1[kLanes];
+  std::memcpy(l0, t0, sizeof l0);
+  std::memcpy(l1, t1, sizeof l1);
+  for (int width = kLanes / 2; width > 0; width /= 2) {
+    for (int l = 0; l < width; ++l) {
+      l0[l] += l0[l + width];
+      l1[l] += l1[l + width];
+    }
+  }
+  out[0] = l0[0];
+  if constexpr (K == 2) out[1] = l1[0];
+}
+
+// Rows [r0, r1) of a [rows, C] matrix added into part (K arrays of C): part[k][c] += term, each
+// column's terms added in row order. Columns go kCols at a time with their sums in registers
+// (four vectors: four independent chains of additions), the rows inside; the last C % kCols
+// columns element by element.
+template <int kBytes, Term kTerm, typename scalar_t>
+FUSEDREG_ALWAYS_INLINE void rows_sum_loop(const scalar_t* x, const scalar_t* dy, int64_t C, int64_t r0, int64_t r1,
+                                          const acc_t<scalar_t>* m, acc_t<scalar_t>* part) {
+  using acc = acc_t<scalar_t>;
+  using V = typename Lanes<acc, kBytes>::type;
+  constexpr int kPer = Lanes<acc, kBytes>::kPer;
+  constexpr int kVecs = 4;
+  constexpr int kCols = kVecs * kPer;
+  acc* p0 = part;
+  acc* p1 = part + C;
+  int64_t c0 = 0;
+  for (; c0 + kCols <= C; c0 += kCols) {
+    V s0[kVecs], s1[kVecs], mv[kVecs];
+    for (int j = 0; j < kVecs; ++j) {
+      std::memcpy(&s0[j], p0 + c0 + j * kPer, sizeof(V));
+      if constexpr (kTerm == Term::kGrad) std::memcpy(&s1[j], p1 + c0 + j * kPer, sizeof(V));
+      std::memcpy(&mv[j], m + c0 + j * kPer, sizeof(V));
+    }
+    for (int64_t r = r0; r < r1; ++r) {
+      for (int j = 0; j < kVecs; ++j) {
+        const V v = load_vec<kBytes>(x + r * C + c0 + j * kPer) - mv[j];
+        if constexpr (kTerm == Term::kShifted) {
+          s0[j] += v;
+        } else if constexpr (kTerm == Term::kSquares) {
+          s0[j] += v * v;
+        } else {
+          const V g = load_vec<kBytes>(dy + r * C + c0 + j * kPer);
+          s0[j] += g;
+          s1[j] += g * v;
+        }
+      }
+    }
+    for (int j = 0; j < kVecs; ++j) {
+      std::memcpy(p0 + c0 + j * kPer, &s0[j], sizeof(V));
+      if constexpr (kTerm == Term::kGrad) std::memcpy(p1 + c0 + j * kPer, &s1[j], sizeof(V));
+    }
+  }
+  for (int64_t r = r0; r < r1; ++r) {
+    const scalar_t* xr = x + r * C;
+    const scalar_t* gr = kTerm == Term::kGrad ? dy + r * C : nullptr;
+    for (int64_t c = c0; c < C; ++c) {
+      const acc v = load(xr, c) - m[c];
+      if constexpr (kTerm == Term::kShifted) {
+        p0[c] += v;
+      } else if constexpr (kTerm == Term::kSquares) {
+        p0[c] += v * v;
+      } else {
+        const acc g = load(gr, c);
+        p0[c] += g;
+        p1[c] += g * v;
+      }
+    }
+  }
+}
+
+// The elementwise pass. Per-channel coefficients:
+//   kForward:      out = (x - m) * a + b
+//   kBackward:     out = (dy - b - (x - m) * k) * a
+//   kBackwardEval: out = dy * a
+enum class Pass { kForward, kBackward, kBackwardEval };
+
+template <Pass kPass, typename acc>
+FUSEDREG_ALWAYS_INLINE acc formula(acc x, acc g, acc m, acc a, acc b, acc k) {
+  if constexpr (kPass == Pass::kForward) {
+    return (x - m) * a + b;
+  } else if constexpr (kPass == Pass::kBackward) {
+    return (g - b - (x - m) * k) * a;
+  } else {
+    return g * a;
+  }
+}
+
+// One run of n elements of one channel.
+template <Pass kPass, typename scalar_t>
+FUSEDREG_ALWAYS_INLINE void run_apply(const scalar_t* x, const scalar_t* dy, scalar_t* out, int64_t n,
+                                      acc_t<scalar_t> m, acc_t<scalar_t> a, acc_t<scalar_t> b, acc_t<scalar_t> k) {
+  using acc = acc_t<scalar_t>;
+  for (int64_t i = 0; i < n; ++i) {
+    const acc xv = kPass != Pass::kBackwardEval ? load(x, i) : acc(0);
+    const acc gv = kPass != Pass::kForward ? load(dy, i) : acc(0);
+    store(out, i, formula<kPass>(xv, gv, m, a, b, k));
+  }
+}
+
+// Rows [r0, r1) of a [rows, C] matrix, coefficients as [C] arrays.
+template <Pass kPass, typename scalar_t>
+FUSEDREG_ALWAYS_INLINE void rows_apply_loop(const scalar_t* x, const scalar_t* dy, scalar_t* out, int64_t C,
+                                       int64_t r0, int64_t r1, const acc_t<scalar_t>* m, const acc_t<scalar_t>* a,
+                                       const acc_t<scalar_t>* b, const acc_t<scalar_t>* k) {
+  using acc = acc_t<scalar_t>;
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t base = r * C;
+    for (int64_t c = 0; c < C; ++c) {
+      const acc xv = kPass != Pass::kBackwardEval ? load(x, base + c) : acc(0);
+      const acc gv = kPass != Pass::kForward ? load(dy, base + c) : acc(0);
+      store(out, base + c, formula<kPass>(xv, gv, m[c], a[c], b[c], k[c]));
+    }
+  }
+}
+
+// FUSEDREG_BN_ISA_ENTRY(NAME, template params, template args, (params), (args)): NAME##_avx512,
+// NAME##_avx2 and NAME##_default, each NAME##_impl compiled at that level.
+#define FUSEDREG_BN_ISA_ENTRY(NAME, TPARAMS, TARGS, PARAMS, ARGS)                   \
+  template <TPARAMS>                                                                \
+  FUSEDREG_TARGET_AVX512 void NAME##_avx512 PARAMS { NAME##_impl<64, TARGS> ARGS; }  \
+  template <TPARAMS>                                                                \
+  FUSEDREG_TARGET_AVX2 void NAME##_avx2 PARAMS { NAME##_impl<32, TARGS> ARGS; }      \
+  template <TPARAMS>                                                                \
+  void NAME##_default PARAMS { NAME##_impl<16, TARGS> ARGS; }
+
+// Channels [c0, c1) of a planes layout: out[k][c] for each (out: K arrays of C).
+template <int kBytes, Term kTerm, typename scalar_t>
+FUSEDREG_ALWAYS_INLINE void channels_sum_impl(const scalar_t* x, const scalar_t* dy, const BatchNormLayout* L,
+                                              int64_t c0, int64_t c1, const acc_t<scalar_t>* m,
+                                              acc_t<scalar_t>* const* out) {
+  for (int64_t c = c0; c < c1; ++c) {
+    acc_t<scalar_t> sums[2];
+    channel_sum<kBytes, kTerm>(x, dy, *L, c, m[c], sums);
+    for (int k = 0; k < kSums<kTerm>; ++k) out[k][c] = sums[k];
+  }
+}
+
+template <int kBytes, Term kTerm, typename scalar_t>
+FUSEDREG_ALWAYS_INLINE void rows_sum_impl(const scalar_t* x, const scalar_t* dy, int64_t C, int64_t r0, int64_t r1,
+                                          const acc_t<scalar_t>* m, acc_t<scalar_t>* part) {
+  rows_sum_loop<kBytes, kTerm>(x, dy, C, r0, r1, m, part);
+}
+
+template <int kBytes, Pass kPass, typename scalar_t>
+FUSEDREG_ALWAYS_INLINE void planes_apply_impl(const scalar_t* x, const scalar_t* dy, scalar_t* out,
+                                              const BatchNormLayout* L, int64_t p0, int64_t p1,
+                                              const acc_t<scalar_t>* m, const acc_t<scalar_t>* a,
+                                              const acc_t<scalar_t>* b, const acc_t<scalar_t>* k) {
+  for (int64_t p = p0; p < p1; ++p) {
+    const int64_t c = p % L->channels;
+    const int64_t e = p * L->inner;
+    run_apply<kPass>(x ? x + e : nullptr, dy ? dy + e : nullptr, out + e, L->inner, m[c], a[c], b[c], k[c]);
+  }
+}
+
+template <int kBytes, Pass kPass, typename scalar_t>
+FUSEDREG_ALWAYS_INLINE void rows_apply_impl(const scalar_t* x, const scalar_t* dy, scalar_t* out, int64_t C,
+                                            int64_t r0, int64_t r1, const acc_t<scalar_t>* m,
+                                            const acc_t<scalar_t>* a, const acc_t<scalar_t>* b,
+                                            const acc_t<scalar_t>* k) {
+  rows_apply_loop<kPass>(x, dy, out, C, r0, r1, m, a, b, k);
+}
+
+#define FUSEDREG_BN_COMMA ,
+FUSEDREG_BN_ISA_ENTRY(channels_sum, Term kTerm FUSEDREG_BN_COMMA typename scalar_t, kTerm FUSEDREG_BN_COMMA scalar_t,
+                      (const scalar_t* x, const scalar_t* dy, const BatchNormLayout* L, int64_t c0, int64_t c1,
+                       const acc_t<scalar_t>* m, acc_t<scalar_t>* const* out),
+                      (x, dy, L, c0, c1, m, out))
+FUSEDREG_BN_ISA_ENTRY(rows_sum, Term kTerm FUSEDREG_BN_COMMA typename scalar_t, kTerm FUSEDREG_BN_COMMA scalar_t,
+                      (const scalar_t* x, const scalar_t* dy, int64_t C, int64_t r0, int64_t r1,
+                       const acc_t<scalar_t>* m, acc_t<scalar_t>* part),
+                      (x, dy, C, r0, r1, m, part))
+FUSEDREG_BN_ISA_ENTRY(planes_apply, Pass kPass FUSEDREG_BN_COMMA typename scalar_t, kPass FUSEDREG_BN_COMMA scalar_t,
+                      (const scalar_t* x, const scalar_t* dy, scalar_t* out, const BatchNormLayout* L, int64_t p0,
+                       int64_t p1, const acc_t<scalar_t>* m, const acc_t<scalar_t>* a, const acc_t<scalar_t>* b,
+                       const acc_t<scalar_t>* k),
+                      (x, dy, out, L, p0, p1, m, a, b, k))
+FUSEDREG_BN_ISA_ENTRY(rows_apply, Pass kPass FUSEDREG_BN_COMMA typename scalar_t, kPass FUSEDREG_BN_COMMA scalar_t,
+                      (const scalar_t* x, const scalar_t* dy, scalar_t* out, int64_t C, int64_t r0, int64_t r1,
+                       const acc_t<scalar_t>* m, const acc_t<scalar_t>* a, const acc_t<scalar_t>* b,
+                       const acc_t<scalar_t>* k),
+                      (x, dy, out, C, r0, r1, m, a, b, k))
+#undef FUSEDREG_BN_COMMA
+
+// The entry points: each runs its _impl at level isa.
+#if FUSEDREG_X86_SIMD
+#define FUSEDREG_BN_CALL_AT(ISA, NAME, ...)                          \
+  ((ISA) == CpuIsa::kAvx512 ? NAME##_avx512<__VA_ARGS__>             \
+   : (ISA) == CpuIsa::kAvx2 ? NAME##_avx2<__VA_ARGS__> : NAME##_default<__VA_ARGS__>)
+#else
+#define FUSEDREG_BN_CALL_AT(ISA, NAME, ...) NAME##_default<__VA_ARGS__>
+#endif
+
+template <Term kTerm, typename scalar_t>
+void channels_sum(CpuIsa isa, const scalar_t* x, const scalar_t* dy, const BatchNormLayout& L, int64_t c0,
+                  int64_t c1, const acc_t<scalar_t>* m, acc_t<scalar_t>* const* out) {
+  FUSEDREG_BN_CALL_AT(isa, channels_sum, kTerm, scalar_t)(x, dy, &L, c0, c1, m, out);
+}
+
+template <Term kTerm, typename scalar_t>
+void rows_sum(CpuIsa isa, const scalar_t* x, const scalar_t* dy, int64_t C, int64_t r0, int64_t r1,
+              const acc_t<scalar_t>* m, acc_t<scalar_t>* part) {
+  FUSEDREG_BN_CALL_AT(isa, rows_sum, kTerm, scalar_t)(x, dy, C, r0, r1, m, part);
+}
+
+template <Pass kPass, typename scalar_t>
+void planes_apply(CpuIsa isa, const scalar_t* x, const scalar_t* dy, scalar_t* out, const BatchNormLayout& L,
+                  int64_t p0, int64_t p1, const acc_t<scalar_t>* m, const acc_t<scalar_t>* a,
+                  const acc_t<scalar_t>* b, const acc_t<scalar_t>* k) {
+  FUSEDREG_BN_CALL_AT(isa, planes_apply, kPass, scalar_t)(x, dy, out, &L, p0, p1, m, a, b, k);
+}
+
+template <Pass kPass, typename scalar_t>
+void rows_apply(CpuIsa isa, const scalar_t* x, const scalar_t* dy, scalar_t* out, int64_t C, int64_t r0,
+                int64_t r1, const acc_t<scalar_t>* m, const acc_t<scalar_t>* a, const acc_t<scalar_t>* b,
+                const acc_t<scalar_t>* k) {
+  FUSEDREG_BN_CALL_AT(isa, rows_apply, kPass, scalar_t)(x, dy, out, C, r0, r1, m, a, b, k);
+}
+#undef FUSEDREG_BN_CALL_AT
+
+}  // namespace bn_cpu
+}  // namespace fusedreg
