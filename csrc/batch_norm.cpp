@@ -5,7 +5,7 @@
 // ((o * C + c) * inner + s). The elementwise pass runs at::parallel_for over the planes
 // (inner > 1) or the rows (inner == 1) with the coefficients of a channel loaded once per plane
 // (or kept as [C] arrays for rows: a vectorized inner loop over contiguous channels), the loops
-// compiled per instruction-set level (batch_norm_cpu_loops.h, picked at run time). All
+// compiled per instruction-set level (batch_norm_cpu_loops.h; batch_norm_cpu_isa.h picks one). All
 // arithmetic is fp32 (fp64 for double) and the order of every addition depends only on the shape
 // and layout, never on the thread count: results are bitwise reproducible.
 //
@@ -19,7 +19,7 @@
 #include <vector>
 
 #include "batch_norm.h"
-#include "batch_norm_cpu_loops.h"
+#include "batch_norm_cpu_isa.h"
 #include "common/cpu_isa.h"
 #include "common/dispatch.h"
 

@@ -25,7 +25,7 @@
 #include <vector>
 
 #include "batch_norm.h"
-#include "batch_norm_cpu_loops.h"
+#include "batch_norm_cpu_isa.h"
 #include "common/cpu_isa.h"
 #include "common/dispatch.h"
 
