@@ -5,14 +5,18 @@
 // each table is one at::parallel_for over its chunks, a chunk reduces into partials[global_chunk],
 // and the partials are then combined serially in chunk order. Every addition happens in an order
 // fixed by the chunking alone, never by the thread count, so the result is bitwise reproducible.
-// Within a chunk kLanes independent accumulators (lane = element index mod kLanes, combined in a
-// fixed tree) let the compiler vectorize and overlap the additions without reassociating anything.
+// Within a chunk kLanes = 64 independent accumulators (lane = element index mod kLanes, combined in
+// a fixed tree) let the additions run as vectors and overlap without reassociating anything. For
+// float32 and bfloat16 with the L2, L1 and inf norms the lanes run in AVX2 / AVX-512 registers at
+// the level cpu_isa() picks (clip_cpu_simd.h), adding in the same order: the same bits at every
+// level.
 //
 // |x|^p is accumulated in float32 (float64 for float64 data) without rescaling: like PyTorch's own
 // norm kernels, a p-th power sum beyond the accumulator's range (e.g. |x| = 1e4 with p = 10)
 // overflows to inf rather than being rescaled by the maximum, which would need a second pass.
 //
-// multi_tensor_scale_ multiplies in float32 (float64) and rounds once. A scale of exactly 1 is
+// multi_tensor_scale_ multiplies in float32 (float64) and rounds once (float32 and bfloat16 in
+// AVX2 / AVX-512 registers where available, the same rounding). A scale of exactly 1 is
 // the identity on every value, so it returns without touching memory: clipping that does not clip
 // costs only the norm pass.
 #include <ATen/ATen.h>
@@ -27,7 +31,9 @@
 #include <vector>
 
 #include "clip.h"
+#include "clip_cpu_simd.h"
 #include "common/checks.h"
+#include "common/cpu_isa.h"
 #include "common/dispatch.h"
 #include "common/multi_tensor.cuh"
 
@@ -35,7 +41,7 @@ namespace fusedreg {
 namespace {
 
 constexpr int64_t kClipChunkSize = 32768;
-constexpr int kLanes = 16;
+constexpr int kLanes = clip_cpu::kClipLanes;
 // Fewest elements per at::parallel_for task: a list of small tensors runs inline on the calling
 // thread instead of waking the pool for microseconds of work.
 constexpr int64_t kMinTaskElements = 4 * kClipChunkSize;
@@ -46,8 +52,35 @@ inline T nan_propagating_max(T a, T b) {
 }
 
 // sum of |x|^p over x[0, size) (max |x| for kInf), in acc (float / double).
+// float32 and bfloat16 elements as the SIMD loops read them (bfloat16 as its bits).
+template <typename scalar_t>
+constexpr bool kSimdClip = std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, at::BFloat16>;
+template <typename scalar_t>
+using simd_elem_t = std::conditional_t<std::is_same_v<scalar_t, float>, float, uint16_t>;
+
+// Whole blocks of kLanes elements through the SIMD loops at `isa`; returns how many elements
+// were done (0 where there is no SIMD loop for this dtype, norm or level).
 template <typename scalar_t, NormKind kKind>
-acc_t<scalar_t> chunk_pow_sum(const scalar_t* x, int64_t size, acc_t<scalar_t> p) {
+int64_t simd_pow_sum_blocks(const scalar_t* x, int64_t size, acc_t<scalar_t>* lanes, CpuIsa isa) {
+#if FUSEDREG_X86_SIMD
+  if constexpr (kSimdClip<scalar_t> && kKind != NormKind::kP) {
+    const auto* e = reinterpret_cast<const simd_elem_t<scalar_t>*>(x);
+    const int64_t blocks = size / kLanes;
+    if (isa == CpuIsa::kAvx512) {
+      clip_cpu::pow_sum_blocks_avx512<kKind>(e, blocks, lanes);
+      return blocks * kLanes;
+    }
+    if (isa == CpuIsa::kAvx2) {
+      clip_cpu::pow_sum_blocks_avx2<kKind>(e, blocks, lanes);
+      return blocks * kLanes;
+    }
+  }
+#endif
+  return 0;
+}
+
+template <typename scalar_t, NormKind kKind>
+acc_t<scalar_t> chunk_pow_sum(const scalar_t* x, int64_t size, acc_t<scalar_t> p, CpuIsa isa) {
   using acc = acc_t<scalar_t>;
   acc lanes[kLanes] = {};
   auto add = [&](int lane, acc a) {
@@ -62,7 +95,7 @@ acc_t<scalar_t> chunk_pow_sum(const scalar_t* x, int64_t size, acc_t<scalar_t> p
     }
   };
   const int64_t full = size / kLanes * kLanes;
-  for (int64_t i = 0; i < full; i += kLanes) {
+  for (int64_t i = simd_pow_sum_blocks<scalar_t, kKind>(x, size, lanes, isa); i < full; i += kLanes) {
     for (int l = 0; l < kLanes; ++l) add(l, static_cast<acc>(x[i + l]));
   }
   for (int64_t i = full; i < size; ++i) add(static_cast<int>(i - full), static_cast<acc>(x[i]));
@@ -80,7 +113,14 @@ acc_t<scalar_t> chunk_pow_sum(const scalar_t* x, int64_t size, acc_t<scalar_t> p
 // bfloat16 goes through its bits: the same round-to-nearest-even as c10::BFloat16, without its
 // NaN branch, so the loop vectorizes (the c10 conversion made it several times slower).
 template <typename scalar_t>
-void scale_chunk(scalar_t* x, int64_t size, acc_t<scalar_t> factor) {
+void scale_chunk(scalar_t* x, int64_t size, acc_t<scalar_t> factor, CpuIsa isa) {
+#if FUSEDREG_X86_SIMD
+  if constexpr (kSimdClip<scalar_t>) {
+    auto* e = reinterpret_cast<simd_elem_t<scalar_t>*>(x);
+    if (isa == CpuIsa::kAvx512) return clip_cpu::scale_avx512(e, size, factor);
+    if (isa == CpuIsa::kAvx2) return clip_cpu::scale_avx2(e, size, factor);
+  }
+#endif
   if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
     uint16_t* bits = reinterpret_cast<uint16_t*>(x);
     for (int64_t i = 0; i < size; ++i) {
@@ -126,12 +166,13 @@ acc_t<scalar_t> pow_sum_cpu(at::TensorList tensors, double norm_type) {
   using acc = acc_t<scalar_t>;
   const int64_t total_chunks = chunk_offsets(tensors, kClipChunkSize).back();
   std::vector<acc> partials(total_chunks);
+  const CpuIsa isa = cpu_isa();
   for_each_table<1>({tensors}, kClipChunkSize, [&](const MultiTensorTable<1>& table) {
     at::parallel_for(0, table.num_blocks, grain_blocks(table), [&](int64_t first, int64_t last) {
       for (int64_t block = first; block < last; ++block) {
         const MultiTensorChunk chunk = table.chunk_of(static_cast<int>(block));
         partials[chunk.global_chunk] = chunk_pow_sum<scalar_t, kKind>(
-            table.chunk_data<const scalar_t>(0, chunk), chunk.size, static_cast<acc>(norm_type));
+            table.chunk_data<const scalar_t>(0, chunk), chunk.size, static_cast<acc>(norm_type), isa);
       }
     });
   });
@@ -191,11 +232,12 @@ void multi_tensor_scale_cpu(at::TensorList tensors, const at::Tensor& scale) {
       }
     }
     if (dense.empty()) return;
+    const CpuIsa isa = cpu_isa();
     for_each_table<1>({dense}, kClipChunkSize, [&](const MultiTensorTable<1>& table) {
       at::parallel_for(0, table.num_blocks, grain_blocks(table), [&](int64_t first, int64_t last) {
         for (int64_t block = first; block < last; ++block) {
           const MultiTensorChunk chunk = table.chunk_of(static_cast<int>(block));
-          scale_chunk(table.chunk_data<scalar_t>(0, chunk), chunk.size, s);
+          scale_chunk(table.chunk_data<scalar_t>(0, chunk), chunk.size, s, isa);
         }
       });
     });
