@@ -37,23 +37,27 @@ using bn_cpu::Term;
 constexpr int64_t kCascadeBase = 1024;
 constexpr int64_t kRowsPerBlock = 64;
 
-// out[k] = sum over i in [begin, end) of term(i)[k], pairwise above kCascadeBase values (for the
-// O(blocks) partials of the rows layout: a few values per channel, not the data itself).
-template <int K, typename acc, typename Term>
-void cascade_sum(int64_t begin, int64_t end, const Term& term, acc* out) {
+// out[k * n + j] = sum over blocks b in [begin, end) of partials[(b * K + k) * C + c0 + j], for the
+// O(blocks) partials of the rows layout: pairwise above kCascadeBase blocks, in block order below,
+// each channel's additions in an order fixed by `blocks` alone. The channels are the inner loop
+// (contiguous in every block's partials: vectorized), not one channel at a time down a column.
+template <int K, typename acc>
+void cascade_columns(const acc* partials, int64_t C, int64_t begin, int64_t end, int64_t c0, int64_t n, acc* out) {
   if (end - begin > kCascadeBase) {
     const int64_t mid = begin + (end - begin) / 2;
-    acc lo[K], hi[K];
-    cascade_sum<K>(begin, mid, term, lo);
-    cascade_sum<K>(mid, end, term, hi);
-    for (int k = 0; k < K; ++k) out[k] = lo[k] + hi[k];
+    std::vector<acc> hi(K * n);
+    cascade_columns<K>(partials, C, begin, mid, c0, n, out);
+    cascade_columns<K>(partials, C, mid, end, c0, n, hi.data());
+    for (int64_t i = 0; i < K * n; ++i) out[i] = out[i] + hi[i];
     return;
   }
-  for (int k = 0; k < K; ++k) out[k] = acc(0);
-  for (int64_t i = begin; i < end; ++i) {
-    acc t[K];
-    term(i, t);
-    for (int k = 0; k < K; ++k) out[k] += t[k];
+  std::fill(out, out + K * n, acc(0));
+  for (int64_t b = begin; b < end; ++b) {
+    for (int k = 0; k < K; ++k) {
+      const acc* p = partials + (b * K + k) * C + c0;
+      acc* o = out + k * n;
+      for (int64_t j = 0; j < n; ++j) o[j] += p[j];
+    }
   }
 }
 
@@ -87,13 +91,10 @@ void reduce_channels(const scalar_t* x, const scalar_t* dy, const BatchNormLayou
     }
   });
   at::parallel_for(0, C, std::max<int64_t>(1, kCpuGrainElems / blocks), [&](int64_t c_begin, int64_t c_end) {
-    for (int64_t c = c_begin; c < c_end; ++c) {
-      acc total[K];
-      cascade_sum<K>(0, blocks, [&](int64_t b, acc* t) {
-        for (int k = 0; k < K; ++k) t[k] = partials[(b * K + k) * C + c];
-      }, total);
-      for (int k = 0; k < K; ++k) out[k][c] = total[k];
-    }
+    const int64_t n = c_end - c_begin;
+    std::vector<acc> total(K * n);
+    cascade_columns<K>(partials.data(), C, 0, blocks, c_begin, n, total.data());
+    for (int k = 0; k < K; ++k) std::copy(total.begin() + k * n, total.begin() + (k + 1) * n, out[k] + c_begin);
   });
 }
 
