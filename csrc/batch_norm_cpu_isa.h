@@ -55,7 +55,7 @@ FUSEDREG_ALWAYS_INLINE void rows_apply_impl(const scalar_t* x, const scalar_t* d
                                             int64_t r0, int64_t r1, const acc_t<scalar_t>* m,
                                             const acc_t<scalar_t>* a, const acc_t<scalar_t>* b,
                                             const acc_t<scalar_t>* k) {
-  rows_apply_loop<kBytes, kPass>(x, dy, out, C, r0, r1, m, a, b, k);
+  rows_apply_loop<kPass>(x, dy, out, C, r0, r1, m, a, b, k);
 }
 
 #define FUSEDREG_BN_COMMA ,

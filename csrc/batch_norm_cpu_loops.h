@@ -221,50 +221,41 @@ FUSEDREG_ALWAYS_INLINE void channel_sum(const scalar_t* x, const scalar_t* dy, c
 }
 
 // Rows [r0, r1) of a [rows, C] matrix added into part (K arrays of C): part[k][c] += term, each
-// column's terms added in row order. Columns go kCols at a time with their sums in registers
-// (four vectors: four independent chains of additions), the rows inside; the last C % kCols
-// columns element by element.
+// column's terms added in row order. Row by row, the columns inside (a contiguous stream the
+// hardware prefetcher follows; part, K x C accumulators, stays in L1), whole vectors of kPer
+// columns first, the last C % kPer columns element by element.
 template <int kBytes, Term kTerm, typename scalar_t>
 FUSEDREG_ALWAYS_INLINE void rows_sum_loop(const scalar_t* x, const scalar_t* dy, int64_t C, int64_t r0, int64_t r1,
                                           const acc_t<scalar_t>* m, acc_t<scalar_t>* part) {
   using acc = acc_t<scalar_t>;
   using V = typename Lanes<acc, kBytes>::type;
   constexpr int kPer = Lanes<acc, kBytes>::kPer;
-  constexpr int kVecs = 4;
-  constexpr int kCols = kVecs * kPer;
   acc* p0 = part;
   acc* p1 = part + C;
-  int64_t c0 = 0;
-  for (; c0 + kCols <= C; c0 += kCols) {
-    V s0[kVecs], s1[kVecs], mv[kVecs];
-    for (int j = 0; j < kVecs; ++j) {
-      std::memcpy(&s0[j], p0 + c0 + j * kPer, sizeof(V));
-      if constexpr (kTerm == Term::kGrad) std::memcpy(&s1[j], p1 + c0 + j * kPer, sizeof(V));
-      std::memcpy(&mv[j], m + c0 + j * kPer, sizeof(V));
-    }
-    for (int64_t r = r0; r < r1; ++r) {
-      for (int j = 0; j < kVecs; ++j) {
-        const V v = load_vec<kBytes>(x + r * C + c0 + j * kPer) - mv[j];
-        if constexpr (kTerm == Term::kShifted) {
-          s0[j] += v;
-        } else if constexpr (kTerm == Term::kSquares) {
-          s0[j] += v * v;
-        } else {
-          const V g = load_vec<kBytes>(dy + r * C + c0 + j * kPer);
-          s0[j] += g;
-          s1[j] += g * v;
-        }
-      }
-    }
-    for (int j = 0; j < kVecs; ++j) {
-      std::memcpy(p0 + c0 + j * kPer, &s0[j], sizeof(V));
-      if constexpr (kTerm == Term::kGrad) std::memcpy(p1 + c0 + j * kPer, &s1[j], sizeof(V));
-    }
-  }
+  const int64_t c_vec = C / kPer * kPer;
   for (int64_t r = r0; r < r1; ++r) {
     const scalar_t* xr = x + r * C;
     const scalar_t* gr = kTerm == Term::kGrad ? dy + r * C : nullptr;
-    for (int64_t c = c0; c < C; ++c) {
+    for (int64_t c = 0; c < c_vec; c += kPer) {
+      V s0, mv;
+      std::memcpy(&s0, p0 + c, sizeof(V));
+      std::memcpy(&mv, m + c, sizeof(V));
+      const V v = load_vec<kBytes>(xr + c) - mv;
+      if constexpr (kTerm == Term::kShifted) {
+        s0 += v;
+      } else if constexpr (kTerm == Term::kSquares) {
+        s0 += v * v;
+      } else {
+        V s1;
+        std::memcpy(&s1, p1 + c, sizeof(V));
+        const V g = load_vec<kBytes>(gr + c);
+        s0 += g;
+        s1 += g * v;
+        std::memcpy(p1 + c, &s1, sizeof(V));
+      }
+      std::memcpy(p0 + c, &s0, sizeof(V));
+    }
+    for (int64_t c = c_vec; c < C; ++c) {
       const acc v = load(xr, c) - m[c];
       if constexpr (kTerm == Term::kShifted) {
         p0[c] += v;
@@ -308,52 +299,15 @@ FUSEDREG_ALWAYS_INLINE void run_apply(const scalar_t* x, const scalar_t* dy, sca
   }
 }
 
-// Rows [r0, r1) of a [rows, C] matrix, coefficients as [C] arrays. float / double: tiles of
-// kApplyRows rows by kCols columns with the tile's coefficients held in registers (four vectors
-// each), so an element costs the loads of x and dy alone, not four more of m, a, b, k; the same
-// formula per element as the plain loop, which takes the last C % kCols columns and the 16-bit
-// types (their stores round through cpu_vec, left to the auto-vectorizer).
-constexpr int64_t kApplyRows = 32;
-
-template <int kBytes, Pass kPass, typename scalar_t>
+// Rows [r0, r1) of a [rows, C] matrix, coefficients as [C] arrays.
+template <Pass kPass, typename scalar_t>
 FUSEDREG_ALWAYS_INLINE void rows_apply_loop(const scalar_t* x, const scalar_t* dy, scalar_t* out, int64_t C,
-                                            int64_t r0, int64_t r1, const acc_t<scalar_t>* m,
-                                            const acc_t<scalar_t>* a, const acc_t<scalar_t>* b,
-                                            const acc_t<scalar_t>* k) {
+                                       int64_t r0, int64_t r1, const acc_t<scalar_t>* m, const acc_t<scalar_t>* a,
+                                       const acc_t<scalar_t>* b, const acc_t<scalar_t>* k) {
   using acc = acc_t<scalar_t>;
-  int64_t c_tiled = 0;
-  if constexpr (std::is_same_v<scalar_t, acc>) {
-    using V = typename Lanes<acc, kBytes>::type;
-    constexpr int kPer = Lanes<acc, kBytes>::kPer;
-    constexpr int kVecs = 4;
-    constexpr int kCols = kVecs * kPer;
-    c_tiled = C / kCols * kCols;
-    for (int64_t rt = r0; rt < r1; rt += kApplyRows) {
-      const int64_t rt_end = rt + kApplyRows < r1 ? rt + kApplyRows : r1;
-      for (int64_t c0 = 0; c0 < c_tiled; c0 += kCols) {
-        V mv[kVecs], av[kVecs], bv[kVecs], kv[kVecs];
-        for (int j = 0; j < kVecs; ++j) {
-          std::memcpy(&mv[j], m + c0 + j * kPer, sizeof(V));
-          std::memcpy(&av[j], a + c0 + j * kPer, sizeof(V));
-          std::memcpy(&bv[j], b + c0 + j * kPer, sizeof(V));
-          std::memcpy(&kv[j], k + c0 + j * kPer, sizeof(V));
-        }
-        for (int64_t r = rt; r < rt_end; ++r) {
-          for (int j = 0; j < kVecs; ++j) {
-            const int64_t e = r * C + c0 + j * kPer;
-            const V xv = kPass != Pass::kBackwardEval ? load_vec<kBytes>(x + e) : V{};
-            const V gv = kPass != Pass::kForward ? load_vec<kBytes>(dy + e) : V{};
-            const V o = formula<kPass>(xv, gv, mv[j], av[j], bv[j], kv[j]);
-            std::memcpy(out + e, &o, sizeof(V));
-          }
-        }
-      }
-    }
-  }
-  if (c_tiled == C) return;
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t base = r * C;
-    for (int64_t c = c_tiled; c < C; ++c) {
+    for (int64_t c = 0; c < C; ++c) {
       const acc xv = kPass != Pass::kBackwardEval ? load(x, base + c) : acc(0);
       const acc gv = kPass != Pass::kForward ? load(dy, base + c) : acc(0);
       store(out, base + c, formula<kPass>(xv, gv, m[c], a[c], b[c], k[c]));

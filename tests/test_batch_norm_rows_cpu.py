@@ -1,10 +1,10 @@
 """The CPU BatchNorm rows layout ((N, C), channels_last) at every instruction-set level: the
-elementwise pass tiles kApplyRows rows by whole vector groups of columns with the coefficients in
-registers and leaves the last C % group columns to the plain loop; the block partials of the
-statistics are combined with the channels as the inner loop, pairwise above 1024 blocks. Checked:
-tiled and plain columns give the same bits for the same values, results match the reference
-(row counts that are not multiples of the tile or block, unaligned data, float32 and float64,
-more than 1024 blocks), and nothing depends on the thread count."""
+statistics and gradient sums stream row by row into [C] block partials, whole vectors of columns
+first and the last C % vector columns element by element; the block partials are combined with
+the channels as the inner loop, pairwise above 1024 blocks. Checked: vector and element-by-element
+columns give the same bits for the same values, results match the reference (row counts that are
+not multiples of the 64-row block, unaligned data, float32 and float64, more than 1024 blocks),
+and nothing depends on the thread count."""
 import pytest
 import torch
 
@@ -46,7 +46,7 @@ def _run(x, dy, w, b):
 @pytest.mark.parametrize("level", LEVELS, indirect=True)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_tiled_and_plain_columns_give_the_same_bits(level, dtype, shape):
+def test_vector_and_plain_columns_give_the_same_bits(level, dtype, shape):
     x, dy, w, b = _rows(*shape, dtype, seed=1, same_columns=True)
     assert x.data_ptr() % 16 != 0
     for result in _run(x, dy, w, b):
