@@ -51,7 +51,6 @@ inline T nan_propagating_max(T a, T b) {
   return (b > a || b != b) ? b : a;
 }
 
-// sum of |x|^p over x[0, size) (max |x| for kInf), in acc (float / double).
 // float32 and bfloat16 elements as the SIMD loops read them (bfloat16 as its bits).
 template <typename scalar_t>
 constexpr bool kSimdClip = std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, at::BFloat16>;
@@ -79,6 +78,7 @@ int64_t simd_pow_sum_blocks(const scalar_t* x, int64_t size, acc_t<scalar_t>* la
   return 0;
 }
 
+// sum of |x|^p over x[0, size) (max |x| for kInf), in acc (float / double).
 template <typename scalar_t, NormKind kKind>
 acc_t<scalar_t> chunk_pow_sum(const scalar_t* x, int64_t size, acc_t<scalar_t> p, CpuIsa isa) {
   using acc = acc_t<scalar_t>;
