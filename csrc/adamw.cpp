@@ -22,6 +22,10 @@
 // starts on a multiple of four elements, so it holds whole element groups) are computed in a loop
 // of their own before the stores, which then round bfloat16 tensors by adamw_sr_bf16_bits.
 // The SIMD square roots, conversions, block staging and Philox words are in adamw_cpu_simd.h.
+//
+// Where cpu_isa() is AVX-512 (csrc/common/cpu_isa.h), float32 / bfloat16 tensors rounded to nearest
+// skip the block loops: adamw_cpu_avx512.h updates a chunk 16 elements per register, one pass, no
+// staging (the same operations in the same order, so the same bits; tests/test_adamw_cpu_isa.py).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -40,7 +44,9 @@
 #endif
 
 #include "adamw.h"
+#include "adamw_cpu_avx512.h"
 #include "adamw_cpu_simd.h"
+#include "common/cpu_isa.h"
 #include "common/multi_tensor.cuh"
 
 namespace fusedreg {
@@ -154,6 +160,10 @@ void adamw_step_cpu_typed(const std::array<at::TensorList, Depth>& lists,
                           const std::vector<AdamWScalars<acc_t<param_t>>>& scalars, const int64_t* sr_seed,
                           at::IntArrayRef sr_tensor_ids) {
   constexpr bool kAmsgrad = Depth == 5;
+#if defined(FUSEDREG_ADAMW_AVX512)
+  constexpr bool kAvx512Kernel = kAdamWAvx512Types<param_t, state_t> && !kSR;
+  const bool use_avx512 = kAvx512Kernel && cpu_isa() == CpuIsa::kAvx512;
+#endif
   for_each_table<Depth>(lists, kAdamWChunkSize, [&](const MultiTensorTable<Depth>& table) {
     int64_t elements = 0;
     for (int b = 0; b < table.num_blocks; ++b) elements += table.chunk_of(b).size;
@@ -162,6 +172,19 @@ void adamw_step_cpu_typed(const std::array<at::TensorList, Depth>& lists,
     at::parallel_for(0, table.num_blocks, grain, [&](int64_t first, int64_t last) {
       for (int64_t block = first; block < last; ++block) {
         const MultiTensorChunk chunk = table.chunk_of(static_cast<int>(block));
+#if defined(FUSEDREG_ADAMW_AVX512)
+        if constexpr (kAvx512Kernel) {
+          if (use_avx512) {
+            adamw_chunk_avx512<kAmsgrad>(table.template chunk_data<param_t>(0, chunk),
+                                         table.template chunk_data<const param_t>(1, chunk),
+                                         table.template chunk_data<state_t>(2, chunk),
+                                         table.template chunk_data<state_t>(3, chunk),
+                                         kAmsgrad ? table.template chunk_data<state_t>(Depth - 1, chunk) : nullptr,
+                                         chunk.size, scalars[chunk.tensor]);
+            continue;
+          }
+        }
+#endif
         SRStream sr;
         if constexpr (kSR) {
           sr.keys = philox_keys(static_cast<uint64_t>(*sr_seed));
