@@ -106,9 +106,15 @@ FUSEDREG_TARGET_AVX512 inline AdamWAvx512Scalars avx512_scalars(const AdamWScala
   return c;
 }
 
+// How a chunk's gradients are scaled (adamw_moments' first line): divided by grad_scale then
+// multiplied by grad_coef; multiplied by grad_inv_scale and grad_coef; or used as they are when
+// both factors are 1 (x * 1 is x: every later use of grad is an operation that rounds, quiets a
+// NaN and treats a subnormal as MXCSR says anyway, so skipping the two products changes no bit).
+enum class GradScaling { kDivide, kMultiply, kNone };
+
 // One vector of the update: adamw_moments then adamw_param (csrc/adamw.h), operation for
 // operation. vmax is used only when kAmsgrad.
-template <bool kAmsgrad, bool kDivideGrad, bool kFull, typename param_t, typename state_t>
+template <bool kAmsgrad, GradScaling kScaling, bool kFull, typename param_t, typename state_t>
 FUSEDREG_TARGET_AVX512 FUSEDREG_ALWAYS_INLINE void adamw_vector_avx512(param_t* p, const param_t* g, state_t* m,
                                                                        state_t* v, state_t* vmax, __mmask16 k,
                                                                        const AdamWAvx512Scalars& c) {
@@ -116,7 +122,10 @@ FUSEDREG_TARGET_AVX512 FUSEDREG_ALWAYS_INLINE void adamw_vector_avx512(param_t* 
   __m512 grad = avx512_load<kFull>(g, k);
   __m512 exp_avg = avx512_load<kFull>(m, k);
   __m512 exp_avg_sq = avx512_load<kFull>(v, k);
-  grad = avx512_mul(kDivideGrad ? avx512_div(grad, c.grad_scale) : avx512_mul(grad, c.grad_inv_scale), c.grad_coef);
+  if constexpr (kScaling == GradScaling::kDivide) grad = avx512_mul(avx512_div(grad, c.grad_scale), c.grad_coef);
+  if constexpr (kScaling == GradScaling::kMultiply) {
+    grad = avx512_mul(avx512_mul(grad, c.grad_inv_scale), c.grad_coef);
+  }
   param = avx512_mul(param, c.decay);
   // adamw_lerp: base + lerp_coef * (grad - exp_avg), base = grad or exp_avg
   const __m512 base = _mm512_mask_blend_ps(c.lerp_from_grad, exp_avg, grad);
@@ -140,7 +149,7 @@ FUSEDREG_TARGET_AVX512 FUSEDREG_ALWAYS_INLINE void adamw_vector_avx512(param_t* 
 
 constexpr int64_t kAdamWAvx512Prefetch = 512;  // elements ahead
 
-template <bool kAmsgrad, bool kDivideGrad, typename param_t, typename state_t>
+template <bool kAmsgrad, GradScaling kScaling, typename param_t, typename state_t>
 FUSEDREG_TARGET_AVX512 void adamw_loop_avx512(param_t* p, const param_t* g, state_t* m, state_t* v, state_t* vmax,
                                               int64_t n, const AdamWAvx512Scalars& scalars) {
   const AdamWAvx512Scalars c = scalars;  // a local copy: the stores below cannot alias it
@@ -152,12 +161,12 @@ FUSEDREG_TARGET_AVX512 void adamw_loop_avx512(param_t* p, const param_t* g, stat
       _mm_prefetch(reinterpret_cast<const char*>(m + i + kAdamWAvx512Prefetch), _MM_HINT_T0);
       _mm_prefetch(reinterpret_cast<const char*>(v + i + kAdamWAvx512Prefetch), _MM_HINT_T0);
     }
-    adamw_vector_avx512<kAmsgrad, kDivideGrad, true>(p + i, g + i, m + i, v + i, kAmsgrad ? vmax + i : vmax,
+    adamw_vector_avx512<kAmsgrad, kScaling, true>(p + i, g + i, m + i, v + i, kAmsgrad ? vmax + i : vmax,
                                                       __mmask16(0xFFFF), c);
   }
   if (i < n) {
     const __mmask16 k = static_cast<__mmask16>((1u << (n - i)) - 1u);
-    adamw_vector_avx512<kAmsgrad, kDivideGrad, false>(p + i, g + i, m + i, v + i, kAmsgrad ? vmax + i : vmax, k,
+    adamw_vector_avx512<kAmsgrad, kScaling, false>(p + i, g + i, m + i, v + i, kAmsgrad ? vmax + i : vmax, k,
                                                        c);
   }
 }
@@ -169,9 +178,11 @@ FUSEDREG_TARGET_AVX512 void adamw_chunk_avx512(param_t* p, const param_t* g, sta
                                                int64_t n, const AdamWScalars<float>& scalars) {
   const AdamWAvx512Scalars c = avx512_scalars(scalars);
   if (scalars.grad_divide) {
-    adamw_loop_avx512<kAmsgrad, true>(p, g, m, v, vmax, n, c);
+    adamw_loop_avx512<kAmsgrad, GradScaling::kDivide>(p, g, m, v, vmax, n, c);
+  } else if (scalars.grad_inv_scale == 1.0f && scalars.grad_coef == 1.0f) {
+    adamw_loop_avx512<kAmsgrad, GradScaling::kNone>(p, g, m, v, vmax, n, c);
   } else {
-    adamw_loop_avx512<kAmsgrad, false>(p, g, m, v, vmax, n, c);
+    adamw_loop_avx512<kAmsgrad, GradScaling::kMultiply>(p, g, m, v, vmax, n, c);
   }
 }
 
