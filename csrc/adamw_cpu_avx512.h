@@ -131,6 +131,8 @@ FUSEDREG_TARGET_AVX512 FUSEDREG_ALWAYS_INLINE void adamw_vector_avx512(param_t* 
   const __m512 base = _mm512_mask_blend_ps(c.lerp_from_grad, exp_avg, grad);
   exp_avg = avx512_add(base, avx512_mul(c.lerp_coef, avx512_sub(grad, exp_avg)));
   exp_avg_sq = avx512_add(avx512_mul(exp_avg_sq, c.beta2), avx512_mul(avx512_mul(c.one_minus_beta2, grad), grad));
+  avx512_store<kFull>(m, k, exp_avg);  // stored before the long division chain, like the param
+  avx512_store<kFull>(v, k, exp_avg_sq);
   __m512 second = exp_avg_sq;
   if constexpr (kAmsgrad) {  // adamw_nan_max(max_exp_avg_sq, exp_avg_sq)
     const __m512 old_max = avx512_load<kFull>(vmax, k);
@@ -143,8 +145,6 @@ FUSEDREG_TARGET_AVX512 FUSEDREG_ALWAYS_INLINE void adamw_vector_avx512(param_t* 
   const __m512 denom = avx512_add(avx512_div(avx512_sqrt(second), c.bias_correction2_sqrt), c.eps);
   param = avx512_sub(param, avx512_div(avx512_mul(c.step_size, exp_avg), denom));
   avx512_store<kFull>(p, k, param);
-  avx512_store<kFull>(m, k, exp_avg);
-  avx512_store<kFull>(v, k, exp_avg_sq);
 }
 
 constexpr int64_t kAdamWAvx512Prefetch = 512;  // elements ahead
