@@ -147,27 +147,18 @@ FUSEDREG_TARGET_AVX512 FUSEDREG_ALWAYS_INLINE void adamw_vector_avx512(param_t* 
   avx512_store<kFull>(p, k, param);
 }
 
-constexpr int64_t kAdamWAvx512Prefetch = 512;  // elements ahead
-
 template <bool kAmsgrad, GradScaling kScaling, typename param_t, typename state_t>
 FUSEDREG_TARGET_AVX512 void adamw_loop_avx512(param_t* p, const param_t* g, state_t* m, state_t* v, state_t* vmax,
                                               int64_t n, const AdamWAvx512Scalars& scalars) {
   const AdamWAvx512Scalars c = scalars;  // a local copy: the stores below cannot alias it
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) {
-    if (i + kAdamWAvx512Prefetch < n) {
-      _mm_prefetch(reinterpret_cast<const char*>(p + i + kAdamWAvx512Prefetch), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(g + i + kAdamWAvx512Prefetch), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(m + i + kAdamWAvx512Prefetch), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(v + i + kAdamWAvx512Prefetch), _MM_HINT_T0);
-    }
     adamw_vector_avx512<kAmsgrad, kScaling, true>(p + i, g + i, m + i, v + i, kAmsgrad ? vmax + i : vmax,
-                                                      __mmask16(0xFFFF), c);
+                                                   __mmask16(0xFFFF), c);
   }
   if (i < n) {
     const __mmask16 k = static_cast<__mmask16>((1u << (n - i)) - 1u);
-    adamw_vector_avx512<kAmsgrad, kScaling, false>(p + i, g + i, m + i, v + i, kAmsgrad ? vmax + i : vmax, k,
-                                                       c);
+    adamw_vector_avx512<kAmsgrad, kScaling, false>(p + i, g + i, m + i, v + i, kAmsgrad ? vmax + i : vmax, k, c);
   }
 }
 
