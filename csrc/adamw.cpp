@@ -1,11 +1,12 @@
 // CPU kernel of fusedreg::adamw_step_: one AdamW step over a list of tensors (the optimizer-offload
 // case: parameters and states in host memory).
 //
-// Algorithm: every tensor is cut into chunks of 65536 elements (the CUDA kernel's chunks); the
-// call is one at::parallel_for over all of them (the CUDA kernel's chunk tables, 30 KB kernel
-// arguments, would only add a fill per call and a fork per table here), and a chunk is updated in
-// one pass over memory: p, g, m, v (and max_v) are read once and written once (28 bytes per fp32
-// parameter, the minimum), in fp32 (fp64 for float64 params) by adamw_moments and
+// Algorithm: every tensor is cut into chunks of 4096 elements; the call is one at::parallel_for
+// over all of them (the CUDA kernel's 65536-element chunk tables, 30 KB kernel arguments, would
+// only add a fill per call and a fork per table here; small chunks split a list of unequal tensors
+// evenly between threads, since parallel_for gives each thread as many chunks), and a chunk is
+// updated in one pass over memory: p, g, m, v (and max_v) are read once and written once (28 bytes
+// per fp32 parameter, the minimum), in fp32 (fp64 for float64 params) by adamw_moments and
 // adamw_param (adamw.h, shared with the CUDA kernel), each element rounded once to its dtype. The
 // per-tensor scalars (bias corrections, step size) are computed once per tensor in double, as torch
 // computes them in Python floats.
@@ -52,7 +53,7 @@
 namespace fusedreg {
 namespace {
 
-constexpr int64_t kAdamWChunkSize = 65536;
+constexpr int64_t kAdamWChunkSize = 4096;  // a multiple of 4: chunks hold whole SR element groups
 
 #if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__)
 // One copy of the chunk loop for AVX2 and one for the x86-64 baseline (SSE2), picked once at load
