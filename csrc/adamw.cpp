@@ -1,8 +1,10 @@
 // CPU kernel of fusedreg::adamw_step_: one AdamW step over a list of tensors (the optimizer-offload
 // case: parameters and states in host memory).
 //
-// Algorithm: the list is cut into the chunks of csrc/common/multi_tensor.cuh (65536 elements, the
-// CUDA kernel's chunks); each chunk table is one at::parallel_for over its chunks, and a chunk is
+// Algorithm: every tensor is cut into chunks of 4096 elements; the call is one at::parallel_for
+// over all of them (the CUDA kernel's 65536-element chunk tables, 30 KB kernel arguments, would
+// only add a fill per call and a fork per table here; small chunks split a list of unequal tensors
+// evenly between threads, since parallel_for gives each thread as many chunks), and a chunk is
 // updated in one pass over memory: p, g, m, v (and max_v) are read once and written once (28 bytes
 // per fp32 parameter, the minimum), in fp32 (fp64 for float64 params) by adamw_moments and
 // adamw_param (adamw.h, shared with the CUDA kernel), each element rounded once to its dtype. The
@@ -22,6 +24,10 @@
 // starts on a multiple of four elements, so it holds whole element groups) are computed in a loop
 // of their own before the stores, which then round bfloat16 tensors by adamw_sr_bf16_bits.
 // The SIMD square roots, conversions, block staging and Philox words are in adamw_cpu_simd.h.
+//
+// Where cpu_isa() is AVX-512 (csrc/common/cpu_isa.h), float32 / bfloat16 tensors rounded to nearest
+// skip the block loops: adamw_cpu_avx512.h updates a chunk 16 elements per register, one pass, no
+// staging (the same operations in the same order, so the same bits; tests/test_adamw_cpu_isa.py).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -40,13 +46,14 @@
 #endif
 
 #include "adamw.h"
+#include "adamw_cpu_avx512.h"
 #include "adamw_cpu_simd.h"
-#include "common/multi_tensor.cuh"
+#include "common/cpu_isa.h"
 
 namespace fusedreg {
 namespace {
 
-constexpr int64_t kAdamWChunkSize = 65536;
+constexpr int64_t kAdamWChunkSize = 4096;  // a multiple of 4: chunks hold whole SR element groups
 
 #if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__)
 // One copy of the chunk loop for AVX2 and one for the x86-64 baseline (SSE2), picked once at load
@@ -149,33 +156,63 @@ FUSEDREG_CPU_CLONES void adamw_chunk_cpu(param_t* p, const param_t* g, state_t* 
   }
 }
 
+// One chunk of one tensor: the CPU kernel's unit of work.
+struct AdamWCpuChunk {
+  int64_t tensor;  // index in the lists
+  int64_t begin;   // first element
+  int64_t size;    // elements: kAdamWChunkSize, or fewer for a tensor's last chunk
+};
+
 template <int Depth, bool kSR, typename param_t, typename state_t>
 void adamw_step_cpu_typed(const std::array<at::TensorList, Depth>& lists,
                           const std::vector<AdamWScalars<acc_t<param_t>>>& scalars, const int64_t* sr_seed,
                           at::IntArrayRef sr_tensor_ids) {
   constexpr bool kAmsgrad = Depth == 5;
-  for_each_table<Depth>(lists, kAdamWChunkSize, [&](const MultiTensorTable<Depth>& table) {
-    int64_t elements = 0;
-    for (int b = 0; b < table.num_blocks; ++b) elements += table.chunk_of(b).size;
-    // Tables of many tiny tensors run on one thread rather than pay a fork per few elements.
-    const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE * table.num_blocks / std::max<int64_t>(1, elements));
-    at::parallel_for(0, table.num_blocks, grain, [&](int64_t first, int64_t last) {
-      for (int64_t block = first; block < last; ++block) {
-        const MultiTensorChunk chunk = table.chunk_of(static_cast<int>(block));
-        SRStream sr;
-        if constexpr (kSR) {
-          sr.keys = philox_keys(static_cast<uint64_t>(*sr_seed));
-          sr.tensor_id = adamw_sr_tensor_id(sr_tensor_ids, static_cast<size_t>(chunk.tensor));
-          sr.first = chunk.begin;
+#if defined(FUSEDREG_ADAMW_AVX512)
+  constexpr bool kAvx512Kernel = kAdamWAvx512Types<param_t, state_t> && !kSR;
+  const bool use_avx512 = kAvx512Kernel && cpu_isa() == CpuIsa::kAvx512;
+#endif
+  // The chunks of every tensor, in list order (check_adamw_args has checked the lists pair up,
+  // dense, on one device), and each list's data pointers.
+  std::vector<AdamWCpuChunk> chunks;
+  std::array<std::vector<void*>, Depth> data;
+  int64_t elements = 0;
+  for (size_t i = 0; i < lists[0].size(); ++i) {
+    const int64_t numel = lists[0][i].numel();
+    for (int d = 0; d < Depth; ++d) data[d].push_back(numel == 0 ? nullptr : lists[d][i].data_ptr());
+    for (int64_t begin = 0; begin < numel; begin += kAdamWChunkSize) {
+      chunks.push_back({static_cast<int64_t>(i), begin, std::min(kAdamWChunkSize, numel - begin)});
+    }
+    elements += numel;
+  }
+  if (chunks.empty()) return;
+  // Lists of many tiny tensors run on one thread rather than pay a fork per few elements.
+  const int64_t num_chunks = static_cast<int64_t>(chunks.size());
+  const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE * num_chunks / elements);
+  at::parallel_for(0, num_chunks, grain, [&](int64_t first, int64_t last) {
+    for (int64_t c = first; c < last; ++c) {
+      const AdamWCpuChunk chunk = chunks[c];
+      param_t* p = static_cast<param_t*>(data[0][chunk.tensor]) + chunk.begin;
+      const param_t* g = static_cast<const param_t*>(data[1][chunk.tensor]) + chunk.begin;
+      state_t* m = static_cast<state_t*>(data[2][chunk.tensor]) + chunk.begin;
+      state_t* v = static_cast<state_t*>(data[3][chunk.tensor]) + chunk.begin;
+      state_t* vmax = kAmsgrad ? static_cast<state_t*>(data[Depth - 1][chunk.tensor]) + chunk.begin : nullptr;
+#if defined(FUSEDREG_ADAMW_AVX512)
+      if constexpr (kAvx512Kernel) {
+        if (use_avx512) {
+          adamw_chunk_avx512<kAmsgrad>(p, g, m, v, vmax, chunk.size, scalars[chunk.tensor]);
+          continue;
         }
-        adamw_chunk_cpu<kAmsgrad, kSR>(table.template chunk_data<param_t>(0, chunk),
-                                  table.template chunk_data<const param_t>(1, chunk),
-                                  table.template chunk_data<state_t>(2, chunk),
-                                  table.template chunk_data<state_t>(3, chunk),
-                                  kAmsgrad ? table.template chunk_data<state_t>(Depth - 1, chunk) : nullptr,
-                                  chunk.size, scalars[chunk.tensor], sr);
       }
-    });
+#endif
+      SRStream sr;
+      if constexpr (kSR) {
+        sr.keys = philox_keys(static_cast<uint64_t>(*sr_seed));
+        sr.tensor_id = adamw_sr_tensor_id(sr_tensor_ids, static_cast<size_t>(chunk.tensor));
+        sr.first = chunk.begin;
+      }
+      adamw_chunk_cpu<kAmsgrad, kSR>(p, g, m, v, vmax, chunk.size, scalars[chunk.tensor], sr);
+    }
   });
 }
 

@@ -1,0 +1,183 @@
+// AVX-512 body of the CPU AdamW kernel (csrc/adamw.cpp, the only file that includes this one), for
+// float32 and bfloat16 parameters and states rounded to nearest: the chunk in one pass of 16
+// elements per vector, every operand loaded, updated and stored in registers (bfloat16 widened and
+// narrowed by shifts, csrc/common/cpu_vec.h), the last partial vector under a lane mask. Picked at
+// run time by cpu_isa() (csrc/common/cpu_isa.h): FUSEDREG_CPU_CAPABILITY=avx2 or default rules it
+// out. Other dtypes (float16, float64) and stochastic rounding keep the portable block loops.
+//
+// Same bits as the portable loops: the operations of adamw_moments / adamw_param (csrc/adamw.h) in
+// the same order, each rounded on its own. The arithmetic is written with the embedded-rounding
+// intrinsics (_mm512_*_round_ps with _MM_FROUND_CUR_DIRECTION: the rounding mode of MXCSR, as
+// scalar code uses), which the compiler treats as opaque builtins; GCC expands the plain
+// _mm512_mul_ps / _mm512_add_ps to vector operators that it contracts into FMAs (avx512f implies
+// fma), and results would then depend on the CPU. Division stays division, square roots are
+// correctly rounded, so a lane computes exactly what a scalar element does, whatever the lane.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+#include <type_traits>
+
+#include "adamw.h"
+#include "common/cpu_isa.h"
+#include "common/cpu_vec.h"
+
+namespace fusedreg {
+namespace {
+
+#if FUSEDREG_X86_SIMD
+#define FUSEDREG_ADAMW_AVX512 1
+
+// The dtype pairs this path updates: float32 / bfloat16 parameters and states (math in float).
+template <typename param_t, typename state_t>
+constexpr bool kAdamWAvx512Types =
+    (std::is_same_v<param_t, float> || std::is_same_v<param_t, c10::BFloat16>) &&
+    (std::is_same_v<state_t, float> || std::is_same_v<state_t, c10::BFloat16>);
+
+FUSEDREG_TARGET_AVX512 FUSEDREG_ALWAYS_INLINE __m512 avx512_mul(__m512 a, __m512 b) {
+  return _mm512_mul_round_ps(a, b, _MM_FROUND_CUR_DIRECTION);
+}
+FUSEDREG_TARGET_AVX512 FUSEDREG_ALWAYS_INLINE __m512 avx512_add(__m512 a, __m512 b) {
+  return _mm512_add_round_ps(a, b, _MM_FROUND_CUR_DIRECTION);
+}
+FUSEDREG_TARGET_AVX512 FUSEDREG_ALWAYS_INLINE __m512 avx512_sub(__m512 a, __m512 b) {
+  return _mm512_sub_round_ps(a, b, _MM_FROUND_CUR_DIRECTION);
+}
+FUSEDREG_TARGET_AVX512 FUSEDREG_ALWAYS_INLINE __m512 avx512_div(__m512 a, __m512 b) {
+  return _mm512_div_round_ps(a, b, _MM_FROUND_CUR_DIRECTION);
+}
+FUSEDREG_TARGET_AVX512 FUSEDREG_ALWAYS_INLINE __m512 avx512_sqrt(__m512 a) {
+  return _mm512_sqrt_round_ps(a, _MM_FROUND_CUR_DIRECTION);
+}
+
+// 16 elements from p as floats: all 16 when kFull, else the lanes of k (the others zero; never
+// read from memory, so a tail does not read past its tensor).
+template <bool kFull>
+FUSEDREG_TARGET_AVX512 FUSEDREG_ALWAYS_INLINE __m512 avx512_load(const float* p, __mmask16 k) {
+  return kFull ? _mm512_loadu_ps(p) : _mm512_maskz_loadu_ps(k, p);
+}
+template <bool kFull>
+FUSEDREG_TARGET_AVX512 FUSEDREG_ALWAYS_INLINE __m512 avx512_load(const c10::BFloat16* p, __mmask16 k) {
+  const uint16_t* bits = reinterpret_cast<const uint16_t*>(p);
+  return kFull ? cpu_vec::load_bf16x16(bits) : cpu_vec::maskz_load_bf16x16(k, bits);
+}
+
+// x rounded to p's dtype (bfloat16: to nearest even, NaN -> 0x7FC0, as store_acc), 16 elements or
+// the lanes of k.
+template <bool kFull>
+FUSEDREG_TARGET_AVX512 FUSEDREG_ALWAYS_INLINE void avx512_store(float* p, __mmask16 k, __m512 x) {
+  if constexpr (kFull) {
+    _mm512_storeu_ps(p, x);
+  } else {
+    _mm512_mask_storeu_ps(p, k, x);
+  }
+}
+template <bool kFull>
+FUSEDREG_TARGET_AVX512 FUSEDREG_ALWAYS_INLINE void avx512_store(c10::BFloat16* p, __mmask16 k, __m512 x) {
+  uint16_t* bits = reinterpret_cast<uint16_t*>(p);
+  if constexpr (kFull) {
+    cpu_vec::store_bf16x16(bits, x);
+  } else {
+    cpu_vec::mask_store_bf16x16(bits, k, x);
+  }
+}
+
+// AdamWScalars<float> broadcast to 16 lanes.
+struct AdamWAvx512Scalars {
+  __m512 decay, lerp_coef, beta2, one_minus_beta2, step_size, bias_correction2_sqrt, eps;
+  __m512 grad_scale, grad_inv_scale, grad_coef;
+  __mmask16 lerp_from_grad;  // all lanes or none
+};
+
+FUSEDREG_TARGET_AVX512 inline AdamWAvx512Scalars avx512_scalars(const AdamWScalars<float>& s) {
+  AdamWAvx512Scalars c;
+  c.decay = _mm512_set1_ps(s.decay);
+  c.lerp_coef = _mm512_set1_ps(s.lerp_coef);
+  c.beta2 = _mm512_set1_ps(s.beta2);
+  c.one_minus_beta2 = _mm512_set1_ps(s.one_minus_beta2);
+  c.step_size = _mm512_set1_ps(s.step_size);
+  c.bias_correction2_sqrt = _mm512_set1_ps(s.bias_correction2_sqrt);
+  c.eps = _mm512_set1_ps(s.eps);
+  c.grad_scale = _mm512_set1_ps(s.grad_scale);
+  c.grad_inv_scale = _mm512_set1_ps(s.grad_inv_scale);
+  c.grad_coef = _mm512_set1_ps(s.grad_coef);
+  c.lerp_from_grad = s.lerp_from_grad ? __mmask16(0xFFFF) : __mmask16(0);
+  return c;
+}
+
+// How a chunk's gradients are scaled (adamw_moments' first line): divided by grad_scale then
+// multiplied by grad_coef; multiplied by grad_inv_scale and grad_coef; or used as they are when
+// both factors are 1 (x * 1 is x: every later use of grad is an operation that rounds, quiets a
+// NaN and treats a subnormal as MXCSR says anyway, so skipping the two products changes no bit).
+enum class GradScaling { kDivide, kMultiply, kNone };
+
+// One vector of the update: adamw_moments then adamw_param (csrc/adamw.h), operation for
+// operation. vmax is used only when kAmsgrad.
+template <bool kAmsgrad, GradScaling kScaling, bool kFull, typename param_t, typename state_t>
+FUSEDREG_TARGET_AVX512 FUSEDREG_ALWAYS_INLINE void adamw_vector_avx512(param_t* p, const param_t* g, state_t* m,
+                                                                       state_t* v, state_t* vmax, __mmask16 k,
+                                                                       const AdamWAvx512Scalars& c) {
+  __m512 param = avx512_load<kFull>(p, k);
+  __m512 grad = avx512_load<kFull>(g, k);
+  __m512 exp_avg = avx512_load<kFull>(m, k);
+  __m512 exp_avg_sq = avx512_load<kFull>(v, k);
+  if constexpr (kScaling == GradScaling::kDivide) grad = avx512_mul(avx512_div(grad, c.grad_scale), c.grad_coef);
+  if constexpr (kScaling == GradScaling::kMultiply) {
+    grad = avx512_mul(avx512_mul(grad, c.grad_inv_scale), c.grad_coef);
+  }
+  param = avx512_mul(param, c.decay);
+  // adamw_lerp: base + lerp_coef * (grad - exp_avg), base = grad or exp_avg
+  const __m512 base = _mm512_mask_blend_ps(c.lerp_from_grad, exp_avg, grad);
+  exp_avg = avx512_add(base, avx512_mul(c.lerp_coef, avx512_sub(grad, exp_avg)));
+  exp_avg_sq = avx512_add(avx512_mul(exp_avg_sq, c.beta2), avx512_mul(avx512_mul(c.one_minus_beta2, grad), grad));
+  avx512_store<kFull>(m, k, exp_avg);  // stored before the long division chain, like the param
+  avx512_store<kFull>(v, k, exp_avg_sq);
+  __m512 second = exp_avg_sq;
+  if constexpr (kAmsgrad) {  // adamw_nan_max(max_exp_avg_sq, exp_avg_sq)
+    const __m512 old_max = avx512_load<kFull>(vmax, k);
+    const __mmask16 take_old = _mm512_cmp_ps_mask(old_max, exp_avg_sq, _CMP_GT_OQ) |
+                               _mm512_cmp_ps_mask(old_max, old_max, _CMP_UNORD_Q);
+    second = _mm512_mask_blend_ps(take_old, exp_avg_sq, old_max);
+    avx512_store<kFull>(vmax, k, second);
+  }
+  // adamw_param: decayed_param - step_size * exp_avg / (sqrt(second) / bias_correction2_sqrt + eps)
+  const __m512 denom = avx512_add(avx512_div(avx512_sqrt(second), c.bias_correction2_sqrt), c.eps);
+  param = avx512_sub(param, avx512_div(avx512_mul(c.step_size, exp_avg), denom));
+  avx512_store<kFull>(p, k, param);
+}
+
+template <bool kAmsgrad, GradScaling kScaling, typename param_t, typename state_t>
+FUSEDREG_TARGET_AVX512 void adamw_loop_avx512(param_t* p, const param_t* g, state_t* m, state_t* v, state_t* vmax,
+                                              int64_t n, const AdamWAvx512Scalars& scalars) {
+  const AdamWAvx512Scalars c = scalars;  // a local copy: the stores below cannot alias it
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    adamw_vector_avx512<kAmsgrad, kScaling, true>(p + i, g + i, m + i, v + i, kAmsgrad ? vmax + i : vmax,
+                                                   __mmask16(0xFFFF), c);
+  }
+  if (i < n) {
+    const __mmask16 k = static_cast<__mmask16>((1u << (n - i)) - 1u);
+    adamw_vector_avx512<kAmsgrad, kScaling, false>(p + i, g + i, m + i, v + i, kAmsgrad ? vmax + i : vmax, k, c);
+  }
+}
+
+// Contract: updates n elements of one tensor's chunk in place (p, m, v and, when kAmsgrad, vmax;
+// g read), exactly as the portable loops of adamw.cpp do. Call only where cpu_isa() is kAvx512.
+template <bool kAmsgrad, typename param_t, typename state_t>
+FUSEDREG_TARGET_AVX512 void adamw_chunk_avx512(param_t* p, const param_t* g, state_t* m, state_t* v, state_t* vmax,
+                                               int64_t n, const AdamWScalars<float>& scalars) {
+  const AdamWAvx512Scalars c = avx512_scalars(scalars);
+  if (scalars.grad_divide) {
+    adamw_loop_avx512<kAmsgrad, GradScaling::kDivide>(p, g, m, v, vmax, n, c);
+  } else if (scalars.grad_inv_scale == 1.0f && scalars.grad_coef == 1.0f) {
+    adamw_loop_avx512<kAmsgrad, GradScaling::kNone>(p, g, m, v, vmax, n, c);
+  } else {
+    adamw_loop_avx512<kAmsgrad, GradScaling::kMultiply>(p, g, m, v, vmax, n, c);
+  }
+}
+
+#endif  // FUSEDREG_X86_SIMD
+
+}  // namespace
+}  // namespace fusedreg
