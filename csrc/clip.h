@@ -10,13 +10,7 @@
 
 #include "common/checks.h"
 
-#ifndef FUSEDREG_HOST_DEVICE
-#if defined(__CUDACC__)
-#define FUSEDREG_HOST_DEVICE __host__ __device__
-#else
-#define FUSEDREG_HOST_DEVICE
-#endif
-#endif
+#include "common/host_device.h"
 
 namespace fusedreg {
 

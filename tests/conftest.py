@@ -13,7 +13,7 @@ if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import fusedreg  # noqa: E402
-from fusedreg import _backend  # noqa: E402
+from fusedreg import _backend, _build  # noqa: E402
 
 # dtype -> (atol, rtol) for a native backend against the fp32-math reference on the same inputs
 TOLERANCES = {
@@ -64,3 +64,13 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.gpu)
         if "gpu" in item.keywords and not HAS_CUDA:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def cpu_library():
+    """The cpu backend's library, built and loaded once; skips the requesting tests when it cannot be
+    built here (no C++ compiler)."""
+    reason = _build.unbuildable_reason("cpu")
+    if reason:
+        pytest.skip(reason)
+    _build.load_library("cpu")

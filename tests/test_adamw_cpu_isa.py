@@ -7,7 +7,7 @@ elements, tail lengths 1..31 and a tensor longer than one 65536-element chunk.""
 import pytest
 import torch
 
-from fusedreg import _build, _library
+from fusedreg import _library
 
 from test_cpu_isa import _FLAGS, _NEEDS, LEVELS, _bits
 
@@ -16,12 +16,7 @@ DTYPE_PAIRS = [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
 SIZES = [(1,), (15,), (16,), (17,), (31,), (3, 11), (65536 + 45,)]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def cpu_library():
-    reason = _build.unbuildable_reason("cpu")
-    if reason:
-        pytest.skip(reason)
-    _build.load_library("cpu")
+pytestmark = pytest.mark.usefixtures("cpu_library")
 
 
 def _special(t: torch.Tensor, gen: torch.Generator, values) -> torch.Tensor:

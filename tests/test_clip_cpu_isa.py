@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import TOLERANCES
-from fusedreg import _build, _library
+from fusedreg import _library
 from fusedreg.reference import clip as reference
 from test_cpu_isa import LEVELS, _bits
 
@@ -20,12 +20,7 @@ NORM_TYPES = [2.0, 1.0, math.inf, 3.0]
 SIZES = [1, 7, 16, 31, 63, 64, 65, 127, 129, 1000, 32768 + 77, 70001]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def cpu_library():
-    reason = _build.unbuildable_reason("cpu")
-    if reason:
-        pytest.skip(reason)
-    _build.load_library("cpu")
+pytestmark = pytest.mark.usefixtures("cpu_library")
 
 
 def _ops():

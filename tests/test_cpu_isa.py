@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from conftest import TOLERANCES
-from fusedreg import _build
 from fusedreg.reference import batch_norm as ref_bn
 from fusedreg.reference import dropout as ref_dropout
 
@@ -31,12 +30,7 @@ LEVELS = [pytest.param(level, marks=pytest.mark.skipif(not needs <= _FLAGS, reas
           for level, needs in _NEEDS.items()]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def cpu_library():
-    reason = _build.unbuildable_reason("cpu")
-    if reason:
-        pytest.skip(reason)
-    _build.load_library("cpu")
+pytestmark = pytest.mark.usefixtures("cpu_library")
 
 
 @pytest.fixture

@@ -27,11 +27,7 @@
 
 #include <cstdint>
 
-#if defined(__CUDACC__)
-#define FUSEDREG_HOST_DEVICE __host__ __device__
-#else
-#define FUSEDREG_HOST_DEVICE
-#endif
+#include "host_device.h"
 
 namespace fusedreg {
 

@@ -25,13 +25,7 @@
 #include <cstddef>
 #include <cstdint>
 
-#ifndef FUSEDREG_HOST_DEVICE
-#if defined(__CUDACC__)
-#define FUSEDREG_HOST_DEVICE __host__ __device__
-#else
-#define FUSEDREG_HOST_DEVICE
-#endif
-#endif
+#include "host_device.h"
 
 namespace fusedreg {
 
