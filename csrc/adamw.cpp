@@ -168,9 +168,10 @@ void adamw_step_cpu_typed(const std::array<at::TensorList, Depth>& lists,
                           const std::vector<AdamWScalars<acc_t<param_t>>>& scalars, const int64_t* sr_seed,
                           at::IntArrayRef sr_tensor_ids) {
   constexpr bool kAmsgrad = Depth == 5;
+  const CpuIsa isa = cpu_isa();  // once per call: a getenv
 #if defined(FUSEDREG_ADAMW_AVX512)
   constexpr bool kAvx512Kernel = kAdamWAvx512Types<param_t, state_t> && !kSR;
-  const bool use_avx512 = kAvx512Kernel && cpu_isa() == CpuIsa::kAvx512;
+  const bool use_avx512 = kAvx512Kernel && isa == CpuIsa::kAvx512;
 #endif
   // The chunks of every tensor, in list order (check_adamw_args has checked the lists pair up,
   // dense, on one device), and each list's data pointers.
@@ -210,6 +211,7 @@ void adamw_step_cpu_typed(const std::array<at::TensorList, Depth>& lists,
         sr.keys = philox_keys(static_cast<uint64_t>(*sr_seed));
         sr.tensor_id = adamw_sr_tensor_id(sr_tensor_ids, static_cast<size_t>(chunk.tensor));
         sr.first = chunk.begin;
+        sr.isa = isa;
       }
       adamw_chunk_cpu<kAmsgrad, kSR>(p, g, m, v, vmax, chunk.size, scalars[chunk.tensor], sr);
     }

@@ -1,8 +1,9 @@
 // CPU helpers of the AdamW kernel (csrc/adamw.cpp, the only file that includes this one): SIMD
 // square roots, the storage-dtype conversions written with bit masks so the update loops vectorize,
 // the staging of an operand's block, and the Philox4x32-10 words of stochastic rounding computed
-// eight counters per AVX2 vector. Everything here rounds exactly as the scalar definitions in
-// csrc/adamw.h and csrc/common/philox.h: results do not depend on the CPU's vector width.
+// eight counters per AVX2 vector (philox_simd::rounds_avx2). Everything here rounds exactly as the
+// scalar definitions in csrc/adamw.h and csrc/common/philox.h: results do not depend on the CPU's
+// vector width.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -19,6 +20,8 @@
 #endif
 
 #include "adamw.h"
+#include "common/cpu_isa.h"
+#include "common/philox_simd.h"
 
 namespace fusedreg {
 namespace {
@@ -174,100 +177,55 @@ struct BlockOperand {
 };
 
 // Where a kSR chunk's random words come from: the seed's round keys, the tensor's id, the chunk's
-// first element.
+// first element, and the instruction-set level of the call (cpu_isa(), read once per call).
 struct SRStream {
   PhiloxKeys keys{};
   uint32_t tensor_id = 0;
   int64_t first = 0;
+  CpuIsa isa = CpuIsa::kDefault;
 };
 
-// Philox4x32-10 rounds (csrc/common/philox.h) over n counters held as four arrays, in place.
-// AVX2 where the CPU has it: 8 counters per vector, the 32 x 32 -> 64-bit products by
-// _mm256_mul_epu32 on the even and odd lanes (the compiler does not vectorize the widening
-// multiplies itself, and one counter at a time the rounds cost ~10x the rest of the update).
-void philox_rounds_scalar(uint32_t* c0, uint32_t* c1, uint32_t* c2, uint32_t* c3, int n, const PhiloxKeys& keys) {
-  for (int q = 0; q < n; ++q) {
-    const Philox4x32Words w = philox4x32_10(c0[q], c1[q], c2[q], c3[q], keys);
-    c0[q] = w.w[0];
-    c1[q] = w.w[1];
-    c2[q] = w.w[2];
-    c3[q] = w.w[3];
+#if FUSEDREG_X86_SIMD
+// sr_block_words on AVX2: 8 groups per vector through philox_simd::rounds_avx2 (one counter per
+// 32-bit lane; the low counter word's carry into the high word per lane, so any group index works),
+// the four output words transposed into element order (word k of group j is element 4j + k) in
+// registers.
+FUSEDREG_TARGET_AVX2 inline void sr_block_words_avx2(const SRStream& sr, uint64_t first_group, uint32_t pair,
+                                                     uint32_t* words) {
+  const __m256i sign = _mm256_set1_epi32(INT32_MIN);
+  for (int q = 0; q < kBlock / 4; q += 8) {
+    const uint64_t group = first_group + q;
+    const __m256i lo = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(group)));
+    __m256i c0 = _mm256_add_epi32(lo, _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    const __m256i carry = _mm256_cmpgt_epi32(_mm256_xor_si256(lo, sign), _mm256_xor_si256(c0, sign));  // -1
+    __m256i c1 = _mm256_sub_epi32(_mm256_set1_epi32(static_cast<int>(group >> 32)), carry);
+    __m256i c2 = _mm256_set1_epi32(static_cast<int>(sr.tensor_id));
+    __m256i c3 = _mm256_set1_epi32(static_cast<int>(pair));
+    philox_simd::rounds_avx2(sr.keys, c0, c1, c2, c3);
+    const __m256i w01_lo = _mm256_unpacklo_epi32(c0, c1), w23_lo = _mm256_unpacklo_epi32(c2, c3);  // groups 0 1 | 4 5
+    const __m256i w01_hi = _mm256_unpackhi_epi32(c0, c1), w23_hi = _mm256_unpackhi_epi32(c2, c3);  // groups 2 3 | 6 7
+    const __m256i g04 = _mm256_unpacklo_epi64(w01_lo, w23_lo), g15 = _mm256_unpackhi_epi64(w01_lo, w23_lo);
+    const __m256i g26 = _mm256_unpacklo_epi64(w01_hi, w23_hi), g37 = _mm256_unpackhi_epi64(w01_hi, w23_hi);
+    __m256i* out = reinterpret_cast<__m256i*>(words + 4 * q);
+    _mm256_storeu_si256(out + 0, _mm256_permute2x128_si256(g04, g15, 0x20));
+    _mm256_storeu_si256(out + 1, _mm256_permute2x128_si256(g26, g37, 0x20));
+    _mm256_storeu_si256(out + 2, _mm256_permute2x128_si256(g04, g15, 0x31));
+    _mm256_storeu_si256(out + 3, _mm256_permute2x128_si256(g26, g37, 0x31));
   }
-}
-
-#if defined(__x86_64__) && defined(__GNUC__)
-#define FUSEDREG_ADAMW_AVX2_PHILOX 1
-
-// (hi, lo) 32-bit halves of m * x for eight uint32 lanes x.
-__attribute__((target("avx2"))) inline void mulhilo_avx2(__m256i x, __m256i m, __m256i& hi, __m256i& lo) {
-  const __m256i even = _mm256_mul_epu32(x, m);                        // lanes 0, 2, 4, 6 as 64 bits
-  const __m256i odd = _mm256_mul_epu32(_mm256_srli_epi64(x, 32), m);  // lanes 1, 3, 5, 7
-  hi = _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
-  lo = _mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0xAA);
-}
-
-__attribute__((target("avx2"))) void philox_rounds_avx2(uint32_t* c0, uint32_t* c1, uint32_t* c2, uint32_t* c3,
-                                                        int n, const PhiloxKeys& keys) {
-  const __m256i m0 = _mm256_set1_epi32(static_cast<int>(kPhiloxM0));
-  const __m256i m1 = _mm256_set1_epi32(static_cast<int>(kPhiloxM1));
-  int q = 0;
-  for (; q + 8 <= n; q += 8) {
-    // (no lambdas here: they would not inherit the avx2 target)
-    __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c0 + q));
-    __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c1 + q));
-    __m256i x2 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c2 + q));
-    __m256i x3 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c3 + q));
-    for (int round = 0; round < kPhiloxRounds; ++round) {
-      __m256i hi0, lo0, hi1, lo1;
-      mulhilo_avx2(x0, m0, hi0, lo0);
-      mulhilo_avx2(x2, m1, hi1, lo1);
-      x0 = _mm256_xor_si256(_mm256_xor_si256(hi1, x1), _mm256_set1_epi32(static_cast<int>(keys.k0[round])));
-      x1 = lo1;
-      x2 = _mm256_xor_si256(_mm256_xor_si256(hi0, x3), _mm256_set1_epi32(static_cast<int>(keys.k1[round])));
-      x3 = lo0;
-    }
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(c0 + q), x0);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(c1 + q), x1);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(c2 + q), x2);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(c3 + q), x3);
-  }
-  philox_rounds_scalar(c0 + q, c1 + q, c2 + q, c3 + q, n - q, keys);
-}
-
-bool cpu_has_avx2() {
-  static const bool has_avx2 = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") != 0;
-  }();
-  return has_avx2;
 }
 #endif
 
-// Words A (pair 0) or B (pair 1) of the kBlock elements from `first` (first % 4 == 0) into words.
-void sr_block_words(const SRStream& sr, int64_t first, uint32_t pair, uint32_t* words) {
-  constexpr int kGroups = kBlock / 4;
-  uint32_t c0[kGroups], c1[kGroups], c2[kGroups], c3[kGroups];
-  for (int q = 0; q < kGroups; ++q) {
-    const uint64_t group = static_cast<uint64_t>(first) / 4 + q;
-    c0[q] = static_cast<uint32_t>(group);
-    c1[q] = static_cast<uint32_t>(group >> 32);
-    c2[q] = sr.tensor_id;
-    c3[q] = pair;
-  }
-#if defined(FUSEDREG_ADAMW_AVX2_PHILOX)
-  if (cpu_has_avx2()) {
-    philox_rounds_avx2(c0, c1, c2, c3, kGroups, sr.keys);
-  } else {
-    philox_rounds_scalar(c0, c1, c2, c3, kGroups, sr.keys);
-  }
-#else
-  philox_rounds_scalar(c0, c1, c2, c3, kGroups, sr.keys);
+// Words A (pair 0) or B (pair 1) of the kBlock elements from `first` (first % 4 == 0) into words
+// (element order: csrc/adamw.h's adamw_sr_words, group first / 4 + q, word k -> element 4q + k).
+inline void sr_block_words(const SRStream& sr, int64_t first, uint32_t pair, uint32_t* words) {
+  static_assert(kBlock % 32 == 0, "the AVX2 words come 8 groups at a time");
+  const uint64_t first_group = static_cast<uint64_t>(first) / 4;
+#if FUSEDREG_X86_SIMD
+  if (sr.isa != CpuIsa::kDefault) return sr_block_words_avx2(sr, first_group, pair, words);
 #endif
-  for (int q = 0; q < kGroups; ++q) {
-    words[4 * q] = c0[q];
-    words[4 * q + 1] = c1[q];
-    words[4 * q + 2] = c2[q];
-    words[4 * q + 3] = c3[q];
+  for (int q = 0; q < kBlock / 4; ++q) {
+    const Philox4x32Words w = adamw_sr_words(sr.keys, sr.tensor_id, first_group + q, pair);
+    for (int k = 0; k < 4; ++k) words[4 * q + k] = w.w[k];
   }
 }
 

@@ -127,6 +127,24 @@ FUSEDREG_TARGET_AVX2 inline void mul_hilo_avx2(__m256i a, __m256i m, __m256i& hi
   lo = _mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0xAA);
 }
 
+// Ten rounds for 8 counters, one per 32-bit lane (c0..c3: the counters' words in, the Philox words
+// out). vpmuludq multiplies the even lanes, and the odd ones shifted down; mul_hilo_avx2 recombines
+// the high and low words by blends. The AVX2 twin of rounds_avx512, shared by dropout's masks and
+// AdamW's stochastic rounding.
+FUSEDREG_TARGET_AVX2 FUSEDREG_ALWAYS_INLINE void rounds_avx2(const PhiloxKeys& keys, __m256i& c0, __m256i& c1,
+                                                             __m256i& c2, __m256i& c3) {
+  const __m256i m0 = _mm256_set1_epi64x(kPhiloxM0), m1 = _mm256_set1_epi64x(kPhiloxM1);
+  for (int round = 0; round < kPhiloxRounds; ++round) {
+    __m256i hi0, lo0, hi1, lo1;
+    mul_hilo_avx2(c0, m0, hi0, lo0);
+    mul_hilo_avx2(c2, m1, hi1, lo1);
+    c0 = _mm256_xor_si256(_mm256_xor_si256(hi1, c1), _mm256_set1_epi32(static_cast<int>(keys.k0[round])));
+    c1 = lo1;
+    c2 = _mm256_xor_si256(_mm256_xor_si256(hi0, c3), _mm256_set1_epi32(static_cast<int>(keys.k1[round])));
+    c3 = lo0;
+  }
+}
+
 // Bit j set where lane j of w >= threshold, unsigned: !(t > w) with both sign bits flipped and
 // compared signed (t_flipped = threshold ^ 0x80000000 in every lane).
 FUSEDREG_TARGET_AVX2 inline uint32_t keep_mask_avx2(__m256i w, __m256i t_flipped) {
@@ -138,19 +156,10 @@ FUSEDREG_TARGET_AVX2 inline uint32_t keep_mask_avx2(__m256i w, __m256i t_flipped
 FUSEDREG_TARGET_AVX2 inline uint32_t keep_half_avx2(const PhiloxKeys& keys, uint64_t first, uint32_t threshold) {
   const uint32_t lo = static_cast<uint32_t>(first);
   if (lo > UINT32_MAX - 7u) return static_cast<uint32_t>(keep_word_scalar(keys, first, threshold, 8));
-  const __m256i m0 = _mm256_set1_epi64x(kPhiloxM0), m1 = _mm256_set1_epi64x(kPhiloxM1);
   __m256i c0 = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(lo)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
   __m256i c1 = _mm256_set1_epi32(static_cast<int>(first >> 32));
   __m256i c2 = _mm256_setzero_si256(), c3 = _mm256_setzero_si256();
-  for (int round = 0; round < kPhiloxRounds; ++round) {
-    __m256i hi0, lo0, hi1, lo1;
-    mul_hilo_avx2(c0, m0, hi0, lo0);
-    mul_hilo_avx2(c2, m1, hi1, lo1);
-    c0 = _mm256_xor_si256(_mm256_xor_si256(hi1, c1), _mm256_set1_epi32(static_cast<int>(keys.k0[round])));
-    c1 = lo1;
-    c2 = _mm256_xor_si256(_mm256_xor_si256(hi0, c3), _mm256_set1_epi32(static_cast<int>(keys.k1[round])));
-    c3 = lo0;
-  }
+  rounds_avx2(keys, c0, c1, c2, c3);
   // word >= t (unsigned) <=> !(t > word) with both sign bits flipped and compared signed
   const __m256i t = _mm256_set1_epi32(static_cast<int>(threshold ^ 0x80000000u));
   return kSpread4.v[keep_mask_avx2(c0, t)] | kSpread4.v[keep_mask_avx2(c1, t)] << 1 |
