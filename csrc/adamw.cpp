@@ -169,8 +169,9 @@ void adamw_step_cpu_typed(const std::array<at::TensorList, Depth>& lists,
                           at::IntArrayRef sr_tensor_ids) {
   constexpr bool kAmsgrad = Depth == 5;
   const CpuIsa isa = cpu_isa();  // once per call: a getenv
+  const PhiloxKeys keys = kSR ? philox_keys(static_cast<uint64_t>(*sr_seed)) : PhiloxKeys{};
 #if defined(FUSEDREG_ADAMW_AVX512)
-  constexpr bool kAvx512Kernel = kAdamWAvx512Types<param_t, state_t> && !kSR;
+  constexpr bool kAvx512Kernel = kAdamWAvx512Types<param_t, state_t>;
   const bool use_avx512 = kAvx512Kernel && isa == CpuIsa::kAvx512;
 #endif
   // The chunks of every tensor, in list order (check_adamw_args has checked the lists pair up,
@@ -198,21 +199,22 @@ void adamw_step_cpu_typed(const std::array<at::TensorList, Depth>& lists,
       state_t* m = static_cast<state_t*>(data[2][chunk.tensor]) + chunk.begin;
       state_t* v = static_cast<state_t*>(data[3][chunk.tensor]) + chunk.begin;
       state_t* vmax = kAmsgrad ? static_cast<state_t*>(data[Depth - 1][chunk.tensor]) + chunk.begin : nullptr;
-#if defined(FUSEDREG_ADAMW_AVX512)
-      if constexpr (kAvx512Kernel) {
-        if (use_avx512) {
-          adamw_chunk_avx512<kAmsgrad>(p, g, m, v, vmax, chunk.size, scalars[chunk.tensor]);
-          continue;
-        }
-      }
-#endif
       SRStream sr;
       if constexpr (kSR) {
-        sr.keys = philox_keys(static_cast<uint64_t>(*sr_seed));
+        sr.keys = keys;
         sr.tensor_id = adamw_sr_tensor_id(sr_tensor_ids, static_cast<size_t>(chunk.tensor));
         sr.first = chunk.begin;
         sr.isa = isa;
       }
+#if defined(FUSEDREG_ADAMW_AVX512)
+      if constexpr (kAvx512Kernel) {
+        if (use_avx512) {
+          adamw_chunk_avx512<kAmsgrad, kSR>(p, g, m, v, vmax, chunk.size, scalars[chunk.tensor], sr.keys,
+                                            sr.tensor_id, sr.first);
+          continue;
+        }
+      }
+#endif
       adamw_chunk_cpu<kAmsgrad, kSR>(p, g, m, v, vmax, chunk.size, scalars[chunk.tensor], sr);
     }
   });
