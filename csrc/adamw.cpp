@@ -22,12 +22,15 @@
 //
 // Stochastic rounding (sr_seed given, kSR): a block's Philox words (csrc/adamw.h's layout: a block
 // starts on a multiple of four elements, so it holds whole element groups) are computed in a loop
-// of their own before the stores, which then round bfloat16 tensors by adamw_sr_bf16_bits.
-// The SIMD square roots, conversions, block staging and Philox words are in adamw_cpu_simd.h.
+// of their own before the stores (8 groups per AVX2 vector where cpu_isa() allows), which then
+// round bfloat16 tensors by adamw_sr_bf16_bits. The SIMD square roots, conversions, block staging
+// and Philox words are in adamw_cpu_simd.h.
 //
-// Where cpu_isa() is AVX-512 (csrc/common/cpu_isa.h), float32 / bfloat16 tensors rounded to nearest
-// skip the block loops: adamw_cpu_avx512.h updates a chunk 16 elements per register, one pass, no
-// staging (the same operations in the same order, so the same bits; tests/test_adamw_cpu_isa.py).
+// Where cpu_isa() is AVX-512 (csrc/common/cpu_isa.h), float32 / bfloat16 tensors skip the block
+// loops, rounded to nearest or stochastically: adamw_cpu_avx512.h updates a chunk 16 elements per
+// register, one pass, no staging, the random words in registers (the same operations in the same
+// order and the same stream, so the same bits; tests/test_adamw_cpu_isa.py). cpu_isa() is read
+// once per call (a getenv) and passed down.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
