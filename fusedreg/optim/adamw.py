@@ -55,6 +55,7 @@ from ..reference import adamw as reference
 from ..utils.clip import global_norm
 from ._adamw_hparams import (STATE_DTYPE_PARAMS, check_differentiable, check_hyperparameters, check_state_dtype,
                              check_stochastic_rounding, group_signatures, hparam_rows, to_scalar)
+from ._adamw_plan import StepPlan, position
 from ._adamw_state import MOMENTS, Bucket, dense_views, refuse_state_in_capture, scalar_on, step_tensor
 
 __all__ = ["AdamW"]
@@ -116,6 +117,7 @@ class AdamW(Optimizer):
         self.bf16_stochastic_round = bf16_stochastic_round
         self.last_grad_norm: torch.Tensor | None = None
         self._hparams_cache: dict[tuple, tuple] = {}
+        self._plan: StepPlan | None = None
         defaults = dict(lr=lr, betas=(to_scalar(betas[0]), to_scalar(betas[1])), eps=eps,
                         weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize, foreach=foreach,
                         capturable=capturable, differentiable=differentiable, fused=fused,
@@ -164,6 +166,7 @@ class AdamW(Optimizer):
                             ("last_grad_norm", None), ("bf16_stochastic_round", False)):
             self.__dict__.setdefault(name, value)
         self._hparams_cache = {}
+        self._plan = None
         for group in self.param_groups:
             for key, value in _GROUP_DEFAULTS.items():
                 group.setdefault(key, value)
@@ -228,17 +231,30 @@ class AdamW(Optimizer):
         if found_inf is None:
             found_inf = getattr(self, "found_inf", None)
 
-        buckets = self._buckets(capturing)
+        # the plan (see _adamw_plan.py) spares an unchanged structure its bucketing, rows and op lookups;
+        # a captured step takes the full path and never reads or writes cached rows
+        plan = None if capturing else self._plan
+        buckets = None if plan is None else plan.gather(self.param_groups, self.state)
+        if buckets is None:
+            buckets, positions = self._buckets(capturing)
+            plan = self._plan = None if positions is None else StepPlan(self.param_groups, positions, buckets)
         if not buckets:
             return loss
         clip_coef = None
         if self.max_grad_norm is not None:
             clip_coef, found_inf = self._clip_coef(buckets, grad_scale, found_inf)
 
-        signatures = group_signatures(self.param_groups)
+        choice = self.backend if self.backend is not None else _backend.get_backend()
+        if plan is not None:
+            # reset before the loop, so that a step that raises halfway leaves nothing stale behind
+            if plan.hyperparameters_changed(self.param_groups):
+                plan.rows = [None] * len(plan.rows)
+            if plan.choice != choice:
+                plan.choice, plan.ops = None, [None] * len(plan.ops)
+        signatures = None
         per_device: dict[torch.device, tuple] = {}
         seeds: dict[torch.device, torch.Tensor] = {}
-        for key, bucket in buckets.items():
+        for index, (key, bucket) in enumerate(buckets.items()):
             device = key[0]
             if device not in per_device:
                 found = scalar_on(found_inf, device)
@@ -249,9 +265,19 @@ class AdamW(Optimizer):
             torch._foreach_add_(bucket.all_steps, 1 if advance_d is None else advance_d)
             if bucket.params:
                 amsgrad, maximize = key[3], key[4]
-                hparams = hparam_rows(self._hparams_cache, key, bucket.runs, self.param_groups, signatures,
-                                      capturing)
-                op = kernel("adamw_step_", _backend.select(device, self.backend), reference)
+                hparams = None if plan is None else plan.rows[index]
+                if hparams is None:
+                    if signatures is None:
+                        signatures = group_signatures(self.param_groups)
+                    hparams = hparam_rows(self._hparams_cache, key, bucket.runs, self.param_groups, signatures,
+                                          capturing)
+                    if plan is not None:
+                        plan.rows[index] = hparams
+                op = None if plan is None else plan.ops[index]
+                if op is None:
+                    op = kernel("adamw_step_", _backend.select(device, self.backend), reference)
+                    if plan is not None:
+                        plan.ops[index] = op
                 rounding = ()
                 if self.bf16_stochastic_round and bucket.rounds_stochastically():
                     if device not in seeds:  # one seed per step and device, on the device
@@ -262,23 +288,32 @@ class AdamW(Optimizer):
                    scale_d, found_d, coef_d, *rounding)
             for param, dense in bucket.writebacks:
                 param.copy_(dense)
+        if plan is not None:
+            plan.choice = choice
         return loss
 
-    def _buckets(self, capturing: bool) -> dict[tuple, Bucket]:
+    def _buckets(self, capturing: bool) -> tuple[dict[tuple, Bucket], list[list] | None]:
         """Parameters with gradients, bucketed by (device, dtype, state dtype, amsgrad, maximize);
-        creates missing state. Runs every step over every parameter, so the common case (all
-        contiguous, real) costs a handful of attribute reads; the rest goes through dense_views."""
+        creates missing state. Also what a StepPlan needs to recognise the same inputs next step:
+        per group, per parameter, None (no gradient) or its position(...); None instead of that
+        list where the step cannot be planned. The common case (all contiguous, real) costs a
+        handful of attribute reads per parameter; the rest goes through dense_views."""
         buckets: dict[tuple, Bucket] = {}
         states = self.state
         dtensor = _dtensor.dtensor_class()
+        positions: list[list] | None = [] if not capturing else None
         flat_index = -1  # the parameter's index in the flat parameter order (its SR stream)
         for index, group in enumerate(self.param_groups):
             check_differentiable(group["differentiable"])
             amsgrad, maximize = bool(group["amsgrad"]), bool(group["maximize"])
+            seen: list = []
+            if positions is not None:
+                positions.append(seen)
             for p in group["params"]:
                 flat_index += 1
                 grad = p.grad
                 if grad is None:
+                    seen.append(None)
                     continue
                 if grad.is_sparse:
                     raise RuntimeError("Adam does not support sparse gradients, please consider "
@@ -296,6 +331,7 @@ class AdamW(Optimizer):
                 if dtensor is not None and isinstance(p, dtensor):  # FSDP2 / TP: step the local shard
                     p, grad, state, shard_key = _dtensor.step_view(p, grad, state, MOMENTS[:3 if amsgrad else 2],
                                                                    capturing)
+                    positions = None
                 exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
                 max_exp_avg_sq = state["max_exp_avg_sq"] if amsgrad else None
                 key = (p.device, p.dtype, exp_avg.dtype, amsgrad, maximize)
@@ -306,7 +342,9 @@ class AdamW(Optimizer):
                 bucket.all_steps.append(step)
                 if shard_key is not None:  # for the norm, empty shards too: every process has every group
                     bucket.sharded_grads.append((len(bucket.grads), grad, shard_key))
-                if not p.numel():
+                sent = bool(p.numel())
+                seen.append(position(p, key, sent))
+                if not sent:
                     continue
 
                 param = p
@@ -315,6 +353,7 @@ class AdamW(Optimizer):
                         and (max_exp_avg_sq is None or max_exp_avg_sq.is_contiguous())):
                     param, grad, (exp_avg, exp_avg_sq, max_exp_avg_sq) = dense_views(
                         p, grad, state, amsgrad, bucket, capturing)
+                    positions = None
                 bucket.params.append(param)
                 bucket.grads.append(grad)
                 bucket.exp_avgs.append(exp_avg)
@@ -328,7 +367,7 @@ class AdamW(Optimizer):
                     runs[-1][1] += 1
                 else:
                     runs.append([index, 1])
-        return buckets
+        return buckets, positions
 
     def _clip_coef(self, buckets: dict[tuple, Bucket], grad_scale, found_inf):
         """(clip coefficient, found_inf) for max_grad_norm, device scalars (the coefficient in the
