@@ -211,7 +211,6 @@ class AdamW(Optimizer):
 
     # ------------------------------------------------------------------ the step
 
-    @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None, *, grad_scale: torch.Tensor | None = None,
              found_inf: torch.Tensor | None = None):
         """One AdamW step over every parameter with a gradient; returns closure()'s loss.
@@ -221,6 +220,16 @@ class AdamW(Optimizer):
         are divided by grad_scale inside the kernel; a nonzero found_inf skips the whole step,
         step counts included. Nothing is read back to the host.
         """
+        # torch.no_grad() as a decorator, but without its context-manager objects: on a small model
+        # they cost as much as the rest of the step's Python
+        grad_enabled = torch.is_grad_enabled()
+        torch._C._set_grad_enabled(False)
+        try:
+            return self._step(closure, grad_scale, found_inf)
+        finally:
+            torch._C._set_grad_enabled(grad_enabled)
+
+    def _step(self, closure, grad_scale, found_inf):
         capturing = self._graph_capture_check()
         loss = None
         if closure is not None:
@@ -252,16 +261,19 @@ class AdamW(Optimizer):
             if plan.choice != choice:
                 plan.choice, plan.ops = None, [None] * len(plan.ops)
         signatures = None
+        device_scalars = grad_scale is not None or found_inf is not None or clip_coef is not None
+        scale_d = found_d = advance_d = coef_d = None
         per_device: dict[torch.device, tuple] = {}
         seeds: dict[torch.device, torch.Tensor] = {}
         for index, (key, bucket) in enumerate(buckets.items()):
             device = key[0]
-            if device not in per_device:
-                found = scalar_on(found_inf, device)
-                advance = None if found is None else (found == 0).to(torch.float32)
-                coef = None if clip_coef is None else clip_coef.to(device, non_blocking=True)
-                per_device[device] = (scalar_on(grad_scale, device), found, advance, coef)
-            scale_d, found_d, advance_d, coef_d = per_device[device]
+            if device_scalars:
+                if device not in per_device:
+                    found = scalar_on(found_inf, device)
+                    advance = None if found is None else (found == 0).to(torch.float32)
+                    coef = None if clip_coef is None else clip_coef.to(device, non_blocking=True)
+                    per_device[device] = (scalar_on(grad_scale, device), found, advance, coef)
+                scale_d, found_d, advance_d, coef_d = per_device[device]
             torch._foreach_add_(bucket.all_steps, 1 if advance_d is None else advance_d)
             if bucket.params:
                 amsgrad, maximize = key[3], key[4]
