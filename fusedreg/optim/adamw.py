@@ -10,6 +10,9 @@ are incremented on the device before the call. Per-group hyperparameters cost no
 row per tensor.
 
 Choices and their trade-offs:
+- A step's host work is planned once (fusedreg/optim/_adamw_plan.py): later steps check that the
+  inputs of the bucketing, the hyperparameter objects and the backend choice are unchanged instead
+  of bucketing, building rows and looking ops up again; any change takes the full path once.
 - The hyperparameter tensor is cached per bucket and rebuilt only when a value changes: floats by
   value, Tensor values by identity and version counter (a scheduler's in-place `fill_` bumps it).
   With capturable=True and Tensor hyperparameters it is instead rebuilt on the device every step,
@@ -64,13 +67,6 @@ _COMPLEX = (torch.complex32, torch.complex64, torch.complex128)
 # Keys torch.optim.AdamW keeps in every param group, with the values it fills in for old checkpoints.
 _GROUP_DEFAULTS = {"amsgrad": False, "maximize": False, "foreach": None, "capturable": False,
                    "differentiable": False, "fused": None}
-
-
-def _total_norm(grads: list[torch.Tensor], sharding: list | None, backend: str | None,
-                norm_dtype: torch.dtype) -> torch.Tensor:
-    """The global 2-norm of `grads` in `norm_dtype`, by fusedreg.get_total_norm's kernels (with
-    `sharding`, grads holds DTensors' local shards: see fusedreg._dtensor.norm_inputs)."""
-    return global_norm(grads, sharding, 2.0, backend, norm_dtype)
 
 
 class AdamW(Optimizer):
@@ -277,19 +273,15 @@ class AdamW(Optimizer):
             torch._foreach_add_(bucket.all_steps, 1 if advance_d is None else advance_d)
             if bucket.params:
                 amsgrad, maximize = key[3], key[4]
-                hparams = None if plan is None else plan.rows[index]
+                hparams, op = (None, None) if plan is None else (plan.rows[index], plan.ops[index])
                 if hparams is None:
-                    if signatures is None:
-                        signatures = group_signatures(self.param_groups)
+                    signatures = signatures or group_signatures(self.param_groups)
                     hparams = hparam_rows(self._hparams_cache, key, bucket.runs, self.param_groups, signatures,
                                           capturing)
-                    if plan is not None:
-                        plan.rows[index] = hparams
-                op = None if plan is None else plan.ops[index]
                 if op is None:
                     op = kernel("adamw_step_", _backend.select(device, self.backend), reference)
-                    if plan is not None:
-                        plan.ops[index] = op
+                if plan is not None:
+                    plan.rows[index], plan.ops[index] = hparams, op
                 rounding = ()
                 if self.bf16_stochastic_round and bucket.rounds_stochastically():
                     if device not in seeds:  # one seed per step and device, on the device
@@ -306,10 +298,10 @@ class AdamW(Optimizer):
 
     def _buckets(self, capturing: bool) -> tuple[dict[tuple, Bucket], list[list] | None]:
         """Parameters with gradients, bucketed by (device, dtype, state dtype, amsgrad, maximize);
-        creates missing state. Also what a StepPlan needs to recognise the same inputs next step:
-        per group, per parameter, None (no gradient) or its position(...); None instead of that
-        list where the step cannot be planned. The common case (all contiguous, real) costs a
-        handful of attribute reads per parameter; the rest goes through dense_views."""
+        creates missing state. Also what a StepPlan needs to recognise the same inputs next step
+        (per group, per parameter, None (no gradient) or its position(...)), or None where the step
+        cannot be planned. The common case (all contiguous, real) costs a handful of attribute
+        reads per parameter; the rest goes through dense_views."""
         buckets: dict[tuple, Bucket] = {}
         states = self.state
         dtensor = _dtensor.dtensor_class()
@@ -392,10 +384,11 @@ class AdamW(Optimizer):
             first = next(iter(buckets))[0]
             norm = torch.zeros((), dtype=torch.float32, device=first)
         else:
-            # float32 even for low-precision gradients (torch would round the norm, and so the
-            # coefficient, to bfloat16), float64 where there are float64 gradients
+            # fusedreg.get_total_norm's kernels (with `sharding`, over DTensors' local shards: see
+            # fusedreg._dtensor.norm_inputs), in float32 even for low-precision gradients (torch would
+            # round the norm, and so the coefficient, to bfloat16), float64 for float64 gradients
             wide = any(key[1] in (torch.float64, torch.complex128) for key in buckets)
-            norm = _total_norm(grads, sharding, self.backend, torch.float64 if wide else torch.float32)
+            norm = global_norm(grads, sharding, 2.0, self.backend, torch.float64 if wide else torch.float32)
         if grad_scale is not None:  # the norm of the unscaled gradients
             norm = norm / scalar_on(grad_scale, norm.device).to(norm.dtype)
         self.last_grad_norm = norm
