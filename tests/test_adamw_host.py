@@ -113,6 +113,17 @@ def test_hyperparameters_edited_between_steps_follow_torch(full_steps):
     assert full_steps.count(runs.opts[1]) == 2  # maximize changes the bucket key
 
 
+def test_numpy_lr_changed_in_place_is_followed(full_steps):
+    """A hyperparameter that is neither a Python number nor a Tensor is read again every step."""
+    np = pytest.importorskip("numpy")
+    runs = Runs(lambda params: [{"params": params, "lr": np.array(1e-2)}])
+    runs.step(2, with_torch=False)
+    runs.each(lambda params, opt: opt.param_groups[0]["lr"].fill(5e-2), with_torch=False)
+    runs.step(2, with_torch=False)
+    runs.check(with_torch=False)
+    assert full_steps.count(runs.opts[1]) == 1
+
+
 def test_amsgrad_switched_on_between_steps_matches_steps_without_a_plan(full_steps):
     """torch.optim.AdamW cannot do this (its state lacks max_exp_avg_sq); AdamW makes one."""
     runs = Runs(one_group)

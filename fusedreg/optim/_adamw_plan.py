@@ -44,11 +44,14 @@ def position(p: torch.Tensor, key: tuple, sent: bool) -> tuple:
 
 def _hyperparameters(group: dict) -> tuple:
     """(lr, betas, weight_decay, eps, their Tensors, those Tensors' versions, whether the rows are
-    rebuilt every step): betas in a mutable list can change unseen, and capturable rows with
-    Tensor values are rebuilt on the device every step (see hparam_rows)."""
+    rebuilt every step): betas in a mutable list, or a value neither a Python number nor a Tensor
+    (a NumPy array, say), can change unseen, and capturable rows with Tensor values are rebuilt on
+    the device every step (see hparam_rows)."""
     lr, betas, weight_decay, eps = group["lr"], group["betas"], group["weight_decay"], group["eps"]
-    tensors = tuple(v for v in (lr, *betas, weight_decay, eps) if isinstance(v, torch.Tensor))
-    every_step = type(betas) is not tuple or bool(tensors and group["capturable"])
+    values = (lr, *betas, weight_decay, eps)
+    tensors = tuple(v for v in values if isinstance(v, torch.Tensor))
+    every_step = (type(betas) is not tuple or bool(tensors and group["capturable"])
+                  or len(tensors) + sum(type(v) in (float, int) for v in values) != len(values))
     return lr, betas, weight_decay, eps, tensors, tuple(tensor_version(t) for t in tensors), every_step
 
 
