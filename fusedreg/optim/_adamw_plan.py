@@ -78,8 +78,8 @@ class StepPlan:
         self.ops: list = [None] * len(buckets)
 
     def gather(self, param_groups: list[dict], states: dict) -> dict[tuple, Bucket] | None:
-        """This step's buckets if every input of the bucketing is as planned, else None (nothing
-        changed: the full path then buckets, creates state and raises as it always does)."""
+        """This step's buckets if every input of the bucketing is as planned, else None, having
+        changed nothing: the full path then buckets, creates state and raises as it always does."""
         if len(param_groups) != len(self.groups):
             return None
         lists = [([], [], [], [], [], [], [] if apart else None)
@@ -128,12 +128,11 @@ class StepPlan:
                 if all_steps_b is not None:
                     all_steps_b.append(step)
         buckets = {}
-        for key, (params_b, grads_b, exp_avgs_b, exp_avg_sqs_b, max_b, steps_b, all_steps_b), ids, runs in zip(
-                self.keys, lists, self.ids, self.runs):
-            bucket = Bucket.__new__(Bucket)
-            bucket.params, bucket.grads, bucket.exp_avgs, bucket.exp_avg_sqs = params_b, grads_b, exp_avgs_b, exp_avg_sqs_b
-            bucket.max_exp_avg_sqs, bucket.steps = max_b, steps_b
-            bucket.all_steps = steps_b if all_steps_b is None else all_steps_b
+        for key, filled, ids, runs in zip(self.keys, lists, self.ids, self.runs):
+            bucket = Bucket.__new__(Bucket)  # without Bucket()'s empty lists: these are filled already
+            (bucket.params, bucket.grads, bucket.exp_avgs, bucket.exp_avg_sqs, bucket.max_exp_avg_sqs,
+             bucket.steps, all_steps) = filled
+            bucket.all_steps = bucket.steps if all_steps is None else all_steps
             bucket.ids, bucket.runs, bucket.writebacks, bucket.sharded_grads = ids, runs, [], []
             buckets[key] = bucket
         return buckets
