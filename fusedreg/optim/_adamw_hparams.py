@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 __all__ = ["to_scalar", "check_hyperparameters", "check_differentiable", "check_state_dtype",
-           "check_stochastic_rounding", "group_signatures", "hparam_rows"]
+           "check_stochastic_rounding", "group_signatures", "hparam_rows", "tensor_version"]
 
 # parameter dtypes whose moments state_dtype applies to (float64 and complex keep their own)
 STATE_DTYPE_PARAMS = (torch.float32, torch.float16, torch.bfloat16)
@@ -87,7 +87,7 @@ def check_differentiable(differentiable) -> None:
                            "torch.optim.AdamW(differentiable=True)")
 
 
-def _version(t: torch.Tensor):
+def tensor_version(t: torch.Tensor):
     try:
         return t._version
     except RuntimeError:  # inference tensors have no version counter: treat as always changed
@@ -96,7 +96,7 @@ def _version(t: torch.Tensor):
 
 def _signature(values) -> tuple:
     """What the cached hyperparameter rows depend on (never a tensor's value: that would sync)."""
-    return tuple((id(v), _version(v)) if isinstance(v, torch.Tensor) else float(v) for v in values)
+    return tuple((id(v), tensor_version(v)) if isinstance(v, torch.Tensor) else float(v) for v in values)
 
 
 def _group_values(group) -> tuple:

@@ -10,6 +10,9 @@ are incremented on the device before the call. Per-group hyperparameters cost no
 row per tensor.
 
 Choices and their trade-offs:
+- A step's host work is planned once (fusedreg/optim/_adamw_plan.py): later steps check that the
+  inputs of the bucketing, the hyperparameter objects and the backend choice are unchanged instead
+  of bucketing, building rows and looking ops up again; any change takes the full path once.
 - The hyperparameter tensor is cached per bucket and rebuilt only when a value changes: floats by
   value, Tensor values by identity and version counter (a scheduler's in-place `fill_` bumps it).
   With capturable=True and Tensor hyperparameters it is instead rebuilt on the device every step,
@@ -55,6 +58,7 @@ from ..reference import adamw as reference
 from ..utils.clip import global_norm
 from ._adamw_hparams import (STATE_DTYPE_PARAMS, check_differentiable, check_hyperparameters, check_state_dtype,
                              check_stochastic_rounding, group_signatures, hparam_rows, to_scalar)
+from ._adamw_plan import StepPlan, position
 from ._adamw_state import MOMENTS, Bucket, dense_views, refuse_state_in_capture, scalar_on, step_tensor
 
 __all__ = ["AdamW"]
@@ -63,13 +67,6 @@ _COMPLEX = (torch.complex32, torch.complex64, torch.complex128)
 # Keys torch.optim.AdamW keeps in every param group, with the values it fills in for old checkpoints.
 _GROUP_DEFAULTS = {"amsgrad": False, "maximize": False, "foreach": None, "capturable": False,
                    "differentiable": False, "fused": None}
-
-
-def _total_norm(grads: list[torch.Tensor], sharding: list | None, backend: str | None,
-                norm_dtype: torch.dtype) -> torch.Tensor:
-    """The global 2-norm of `grads` in `norm_dtype`, by fusedreg.get_total_norm's kernels (with
-    `sharding`, grads holds DTensors' local shards: see fusedreg._dtensor.norm_inputs)."""
-    return global_norm(grads, sharding, 2.0, backend, norm_dtype)
 
 
 class AdamW(Optimizer):
@@ -116,6 +113,7 @@ class AdamW(Optimizer):
         self.bf16_stochastic_round = bf16_stochastic_round
         self.last_grad_norm: torch.Tensor | None = None
         self._hparams_cache: dict[tuple, tuple] = {}
+        self._plan: StepPlan | None = None
         defaults = dict(lr=lr, betas=(to_scalar(betas[0]), to_scalar(betas[1])), eps=eps,
                         weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize, foreach=foreach,
                         capturable=capturable, differentiable=differentiable, fused=fused,
@@ -164,6 +162,7 @@ class AdamW(Optimizer):
                             ("last_grad_norm", None), ("bf16_stochastic_round", False)):
             self.__dict__.setdefault(name, value)
         self._hparams_cache = {}
+        self._plan = None
         for group in self.param_groups:
             for key, value in _GROUP_DEFAULTS.items():
                 group.setdefault(key, value)
@@ -208,7 +207,6 @@ class AdamW(Optimizer):
 
     # ------------------------------------------------------------------ the step
 
-    @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None, *, grad_scale: torch.Tensor | None = None,
              found_inf: torch.Tensor | None = None):
         """One AdamW step over every parameter with a gradient; returns closure()'s loss.
@@ -218,6 +216,16 @@ class AdamW(Optimizer):
         are divided by grad_scale inside the kernel; a nonzero found_inf skips the whole step,
         step counts included. Nothing is read back to the host.
         """
+        # torch.no_grad() as a decorator, but without its context-manager objects: on a small model
+        # they cost as much as the rest of the step's Python
+        grad_enabled = torch.is_grad_enabled()
+        torch._C._set_grad_enabled(False)
+        try:
+            return self._step(closure, grad_scale, found_inf)
+        finally:
+            torch._C._set_grad_enabled(grad_enabled)
+
+    def _step(self, closure, grad_scale, found_inf):
         capturing = self._graph_capture_check()
         loss = None
         if closure is not None:
@@ -228,30 +236,52 @@ class AdamW(Optimizer):
         if found_inf is None:
             found_inf = getattr(self, "found_inf", None)
 
-        buckets = self._buckets(capturing)
+        # the plan (see _adamw_plan.py) spares an unchanged structure its bucketing, rows and op lookups;
+        # a captured step takes the full path and never reads or writes cached rows
+        plan = None if capturing else self._plan
+        buckets = None if plan is None else plan.gather(self.param_groups, self.state)
+        if buckets is None:
+            buckets, positions = self._buckets(capturing)
+            plan = self._plan = None if positions is None else StepPlan(self.param_groups, positions, buckets)
         if not buckets:
             return loss
         clip_coef = None
         if self.max_grad_norm is not None:
             clip_coef, found_inf = self._clip_coef(buckets, grad_scale, found_inf)
 
-        signatures = group_signatures(self.param_groups)
+        choice = self.backend if self.backend is not None else _backend.get_backend()
+        if plan is not None:
+            # reset before the loop, so that a step that raises halfway leaves nothing stale behind
+            if plan.hyperparameters_changed(self.param_groups):
+                plan.rows = [None] * len(plan.rows)
+            if plan.choice != choice:
+                plan.choice, plan.ops = None, [None] * len(plan.ops)
+        signatures = None
+        device_scalars = grad_scale is not None or found_inf is not None or clip_coef is not None
+        scale_d = found_d = advance_d = coef_d = None
         per_device: dict[torch.device, tuple] = {}
         seeds: dict[torch.device, torch.Tensor] = {}
-        for key, bucket in buckets.items():
+        for index, (key, bucket) in enumerate(buckets.items()):
             device = key[0]
-            if device not in per_device:
-                found = scalar_on(found_inf, device)
-                advance = None if found is None else (found == 0).to(torch.float32)
-                coef = None if clip_coef is None else clip_coef.to(device, non_blocking=True)
-                per_device[device] = (scalar_on(grad_scale, device), found, advance, coef)
-            scale_d, found_d, advance_d, coef_d = per_device[device]
+            if device_scalars:
+                if device not in per_device:
+                    found = scalar_on(found_inf, device)
+                    advance = None if found is None else (found == 0).to(torch.float32)
+                    coef = None if clip_coef is None else clip_coef.to(device, non_blocking=True)
+                    per_device[device] = (scalar_on(grad_scale, device), found, advance, coef)
+                scale_d, found_d, advance_d, coef_d = per_device[device]
             torch._foreach_add_(bucket.all_steps, 1 if advance_d is None else advance_d)
             if bucket.params:
                 amsgrad, maximize = key[3], key[4]
-                hparams = hparam_rows(self._hparams_cache, key, bucket.runs, self.param_groups, signatures,
-                                      capturing)
-                op = kernel("adamw_step_", _backend.select(device, self.backend), reference)
+                hparams, op = (None, None) if plan is None else (plan.rows[index], plan.ops[index])
+                if hparams is None:
+                    signatures = signatures or group_signatures(self.param_groups)
+                    hparams = hparam_rows(self._hparams_cache, key, bucket.runs, self.param_groups, signatures,
+                                          capturing)
+                if op is None:
+                    op = kernel("adamw_step_", _backend.select(device, self.backend), reference)
+                if plan is not None:
+                    plan.rows[index], plan.ops[index] = hparams, op
                 rounding = ()
                 if self.bf16_stochastic_round and bucket.rounds_stochastically():
                     if device not in seeds:  # one seed per step and device, on the device
@@ -262,23 +292,32 @@ class AdamW(Optimizer):
                    scale_d, found_d, coef_d, *rounding)
             for param, dense in bucket.writebacks:
                 param.copy_(dense)
+        if plan is not None:
+            plan.choice = choice
         return loss
 
-    def _buckets(self, capturing: bool) -> dict[tuple, Bucket]:
+    def _buckets(self, capturing: bool) -> tuple[dict[tuple, Bucket], list[list] | None]:
         """Parameters with gradients, bucketed by (device, dtype, state dtype, amsgrad, maximize);
-        creates missing state. Runs every step over every parameter, so the common case (all
-        contiguous, real) costs a handful of attribute reads; the rest goes through dense_views."""
+        creates missing state. Also what a StepPlan needs to recognise the same inputs next step
+        (per group, per parameter, None (no gradient) or its position(...)), or None where the step
+        cannot be planned. The common case (all contiguous, real) costs a handful of attribute
+        reads per parameter; the rest goes through dense_views."""
         buckets: dict[tuple, Bucket] = {}
         states = self.state
         dtensor = _dtensor.dtensor_class()
+        positions: list[list] | None = [] if not capturing else None
         flat_index = -1  # the parameter's index in the flat parameter order (its SR stream)
         for index, group in enumerate(self.param_groups):
             check_differentiable(group["differentiable"])
             amsgrad, maximize = bool(group["amsgrad"]), bool(group["maximize"])
+            seen: list = []
+            if positions is not None:
+                positions.append(seen)
             for p in group["params"]:
                 flat_index += 1
                 grad = p.grad
                 if grad is None:
+                    seen.append(None)
                     continue
                 if grad.is_sparse:
                     raise RuntimeError("Adam does not support sparse gradients, please consider "
@@ -296,6 +335,7 @@ class AdamW(Optimizer):
                 if dtensor is not None and isinstance(p, dtensor):  # FSDP2 / TP: step the local shard
                     p, grad, state, shard_key = _dtensor.step_view(p, grad, state, MOMENTS[:3 if amsgrad else 2],
                                                                    capturing)
+                    positions = None
                 exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
                 max_exp_avg_sq = state["max_exp_avg_sq"] if amsgrad else None
                 key = (p.device, p.dtype, exp_avg.dtype, amsgrad, maximize)
@@ -306,7 +346,9 @@ class AdamW(Optimizer):
                 bucket.all_steps.append(step)
                 if shard_key is not None:  # for the norm, empty shards too: every process has every group
                     bucket.sharded_grads.append((len(bucket.grads), grad, shard_key))
-                if not p.numel():
+                sent = bool(p.numel())
+                seen.append(position(p, key, sent))
+                if not sent:
                     continue
 
                 param = p
@@ -315,6 +357,7 @@ class AdamW(Optimizer):
                         and (max_exp_avg_sq is None or max_exp_avg_sq.is_contiguous())):
                     param, grad, (exp_avg, exp_avg_sq, max_exp_avg_sq) = dense_views(
                         p, grad, state, amsgrad, bucket, capturing)
+                    positions = None
                 bucket.params.append(param)
                 bucket.grads.append(grad)
                 bucket.exp_avgs.append(exp_avg)
@@ -328,7 +371,7 @@ class AdamW(Optimizer):
                     runs[-1][1] += 1
                 else:
                     runs.append([index, 1])
-        return buckets
+        return buckets, positions
 
     def _clip_coef(self, buckets: dict[tuple, Bucket], grad_scale, found_inf):
         """(clip coefficient, found_inf) for max_grad_norm, device scalars (the coefficient in the
@@ -341,10 +384,11 @@ class AdamW(Optimizer):
             first = next(iter(buckets))[0]
             norm = torch.zeros((), dtype=torch.float32, device=first)
         else:
-            # float32 even for low-precision gradients (torch would round the norm, and so the
-            # coefficient, to bfloat16), float64 where there are float64 gradients
+            # fusedreg.get_total_norm's kernels (with `sharding`, over DTensors' local shards: see
+            # fusedreg._dtensor.norm_inputs), in float32 even for low-precision gradients (torch would
+            # round the norm, and so the coefficient, to bfloat16), float64 for float64 gradients
             wide = any(key[1] in (torch.float64, torch.complex128) for key in buckets)
-            norm = _total_norm(grads, sharding, self.backend, torch.float64 if wide else torch.float32)
+            norm = global_norm(grads, sharding, 2.0, self.backend, torch.float64 if wide else torch.float32)
         if grad_scale is not None:  # the norm of the unscaled gradients
             norm = norm / scalar_on(grad_scale, norm.device).to(norm.dtype)
         self.last_grad_norm = norm
