@@ -5,16 +5,20 @@
 // and backward needs only the seed. Groups are split across threads with at::parallel_for; every
 // group is independent, so the result does not depend on the thread count.
 //
-// Each thread works in chunks of kChunkGroups groups: first the chunk's keep bits, 16 or 8 groups
-// per register (csrc/common/philox_simd.h, AVX-512 / AVX2 / scalar by cpu_isa()), into a 128-byte
-// buffer; then one pass over the data applies them: masked vector multiplies for float32 and
-// bfloat16 (bf16 widened and rounded back exactly as c10 does), a scalar loop for the other dtypes
-// and for dropout_add. With the RNG vectorised, fp32 and bf16 dropout are bound by memory, not
-// by Philox's ten rounds of multiplies.
+// Threads take whole blocks of 32 groups (128 elements, whole cache lines for every dtype). With
+// AVX-512, float32 and bfloat16 dropout runs one fused loop: per block, keep_words32_avx512
+// (csrc/common/philox_simd.h) leaves the block's 128 keep bits in two general registers and each
+// 16-bit slice is the mask of a zero-masking multiply (bf16 widened and rounded back exactly as
+// c10 does), so no mask is stored and the block's loads and stores overlap the next block's
+// rounds. Other dtypes, dropout_add and the AVX2 / scalar levels take chunks of 1024 elements:
+// first the chunk's keep bits into a 128-byte buffer (dropout_keep_bits), then one pass applying
+// them (masked vector multiplies for float32 and bfloat16 under AVX2, a scalar loop otherwise).
+// Mask generation, ten Philox rounds per 4 elements, is what bounds dropout on one core, not memory.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <type_traits>
 
 #include "common/cpu_isa.h"
 #include "common/cpu_vec.h"
@@ -26,9 +30,13 @@
 namespace fusedreg {
 namespace {
 
-constexpr int64_t kGroupsPerTask = 1024;
-constexpr int64_t kChunkGroups = 256;  // 1024 elements; their keep bits: 16 words
-constexpr int64_t kChunkWords = kChunkGroups * kDropoutElemsPerGroup / 64;
+// Threads take whole blocks of 32 groups (128 elements: 512 bytes of float32, whole cache lines
+// for every dtype), at least kBlocksPerTask of them.
+constexpr int64_t kBlockGroups = 32;
+constexpr int64_t kBlockElems = kBlockGroups * kDropoutElemsPerGroup;
+constexpr int64_t kBlocksPerTask = 32;
+constexpr int64_t kChunkBlocks = 8;  // chunk of the two-pass loop: 1024 elements; their keep bits: 16 words
+constexpr int64_t kChunkWords = kChunkBlocks * kBlockElems / 64;
 
 FUSEDREG_ALWAYS_INLINE bool kept(const uint64_t* bits, int64_t j) { return (bits[j >> 6] >> (j & 63)) & 1u; }
 
@@ -43,31 +51,62 @@ void apply_scalar(const scalar_t* x, scalar_t* out, int64_t count, const uint64_
 
 #if FUSEDREG_X86_SIMD
 
-FUSEDREG_TARGET_AVX512 void apply_f32_avx512(const float* x, float* out, int64_t count, const uint64_t* bits,
-                                             float scale) {
-  const __m512 s = _mm512_set1_ps(scale);
-  for (int64_t j = 0; j < count; j += 16) {
-    const __mmask16 keep = static_cast<__mmask16>(bits[j >> 6] >> (j & 63));
-    if (j + 16 <= count) {
-      _mm512_storeu_ps(out + j, _mm512_maskz_mul_ps(keep, _mm512_loadu_ps(x + j), s));
-    } else {
-      const __mmask16 live = static_cast<__mmask16>((1u << (count - j)) - 1u);
-      _mm512_mask_storeu_ps(out + j, live, _mm512_maskz_mul_ps(keep, _mm512_maskz_loadu_ps(live, x + j), s));
-    }
+// One register of 16 elements for the fused AVX-512 loop: float32 as is, bfloat16 widened on load and
+// rounded back on store exactly as c10 does (csrc/common/cpu_vec.h).
+struct F32x16 {
+  using elem = float;
+  FUSEDREG_TARGET_AVX512 static FUSEDREG_ALWAYS_INLINE __m512 load(const float* p) { return _mm512_loadu_ps(p); }
+  FUSEDREG_TARGET_AVX512 static FUSEDREG_ALWAYS_INLINE __m512 maskz_load(__mmask16 k, const float* p) {
+    return _mm512_maskz_loadu_ps(k, p);
   }
-}
+  FUSEDREG_TARGET_AVX512 static FUSEDREG_ALWAYS_INLINE void store(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
+  FUSEDREG_TARGET_AVX512 static FUSEDREG_ALWAYS_INLINE void mask_store(float* p, __mmask16 k, __m512 v) {
+    _mm512_mask_storeu_ps(p, k, v);
+  }
+};
 
-FUSEDREG_TARGET_AVX512 void apply_bf16_avx512(const uint16_t* x, uint16_t* out, int64_t count,
-                                              const uint64_t* bits, float scale) {
+struct BF16x16 {
+  using elem = uint16_t;
+  FUSEDREG_TARGET_AVX512 static FUSEDREG_ALWAYS_INLINE __m512 load(const uint16_t* p) {
+    return cpu_vec::load_bf16x16(p);
+  }
+  FUSEDREG_TARGET_AVX512 static FUSEDREG_ALWAYS_INLINE __m512 maskz_load(__mmask16 k, const uint16_t* p) {
+    return cpu_vec::maskz_load_bf16x16(k, p);
+  }
+  FUSEDREG_TARGET_AVX512 static FUSEDREG_ALWAYS_INLINE void store(uint16_t* p, __m512 v) {
+    cpu_vec::store_bf16x16(p, v);
+  }
+  FUSEDREG_TARGET_AVX512 static FUSEDREG_ALWAYS_INLINE void mask_store(uint16_t* p, __mmask16 k, __m512 v) {
+    cpu_vec::mask_store_bf16x16(p, k, v);
+  }
+};
+
+// Elements [begin, end) (begin a multiple of kBlockElems): per block of 32 groups, the keep bits
+// stay in two general registers (keep_words32_avx512) and each 16-bit slice of them is the mask of
+// one zero-masking multiply, so a dropped element is 0 whatever its value and a kept one is x *
+// scale rounded once. Generating and applying in one loop lets the loads and stores of a block
+// overlap the next block's Philox rounds.
+template <typename V>
+FUSEDREG_TARGET_AVX512 void dropout_fused_avx512(const PhiloxKeys& keys, uint32_t threshold, float scale,
+                                                 const typename V::elem* x, typename V::elem* out, int64_t begin,
+                                                 int64_t end) {
   const __m512 s = _mm512_set1_ps(scale);
-  for (int64_t j = 0; j < count; j += 16) {
-    const __mmask16 keep = static_cast<__mmask16>(bits[j >> 6] >> (j & 63));
-    if (j + 16 <= count) {
-      cpu_vec::store_bf16x16(out + j, _mm512_maskz_mul_ps(keep, cpu_vec::load_bf16x16(x + j), s));
+  for (int64_t e = begin; e < end; e += kBlockElems) {
+    const philox_simd::KeepWords32 k =
+        philox_simd::keep_words32_avx512(keys, static_cast<uint64_t>(e / kDropoutElemsPerGroup), threshold);
+    if (end - e >= kBlockElems) {
+#pragma GCC unroll 8
+      for (int q = 0; q < 8; ++q) {
+        const __mmask16 keep = static_cast<__mmask16>(k.w[q / 4] >> (16 * (q % 4)));
+        V::store(out + e + 16 * q, _mm512_maskz_mul_ps(keep, V::load(x + e + 16 * q), s));
+      }
     } else {
-      const __mmask16 live = static_cast<__mmask16>((1u << (count - j)) - 1u);
-      cpu_vec::mask_store_bf16x16(out + j, live,
-                                  _mm512_maskz_mul_ps(keep, cpu_vec::maskz_load_bf16x16(live, x + j), s));
+      for (int q = 0; 16 * q < end - e; ++q) {
+        const int64_t rest = end - e - 16 * q;
+        const __mmask16 live = rest >= 16 ? __mmask16{0xFFFF} : static_cast<__mmask16>((1u << rest) - 1u);
+        const __mmask16 keep = static_cast<__mmask16>(k.w[q / 4] >> (16 * (q % 4)));
+        V::mask_store(out + e + 16 * q, live, _mm512_maskz_mul_ps(keep, V::maskz_load(live, x + e + 16 * q), s));
+      }
     }
   }
 }
@@ -111,12 +150,10 @@ void apply_chunk(CpuIsa isa, const scalar_t* x, scalar_t* out, int64_t count, co
                  acc_t<scalar_t> scale) {
 #if FUSEDREG_X86_SIMD
   if constexpr (std::is_same_v<scalar_t, float>) {
-    if (isa == CpuIsa::kAvx512) return apply_f32_avx512(x, out, count, bits, scale);
     if (isa == CpuIsa::kAvx2) return apply_f32_avx2(x, out, count, bits, scale);
   } else if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
     auto* xi = reinterpret_cast<const uint16_t*>(x);
     auto* oi = reinterpret_cast<uint16_t*>(out);
-    if (isa == CpuIsa::kAvx512) return apply_bf16_avx512(xi, oi, count, bits, scale);
     if (isa == CpuIsa::kAvx2) return apply_bf16_avx2(xi, oi, count, bits, scale);
   }
 #endif
@@ -140,17 +177,27 @@ void dropout_cpu_kernel(const DropoutOperands& ops, uint64_t seed, double p) {
                                                                      : acc(dropout_scale(p));
   const PhiloxKeys keys = philox_keys(seed);
   const CpuIsa isa = cpu_isa();
-  const int64_t groups = (n + kDropoutElemsPerGroup - 1) / kDropoutElemsPerGroup;
-  at::parallel_for(0, groups, kGroupsPerTask, [&](int64_t begin, int64_t end) {
+  const int64_t blocks = (n + kBlockElems - 1) / kBlockElems;
+  at::parallel_for(0, blocks, kBlocksPerTask, [&](int64_t block_begin, int64_t block_end) {
+    const int64_t begin = block_begin * kBlockElems, end = std::min(n, block_end * kBlockElems);
+#if FUSEDREG_X86_SIMD
+    if constexpr (!kAdd && (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, at::BFloat16>)) {
+      if (isa == CpuIsa::kAvx512 && !drop_all) {
+        using V = std::conditional_t<std::is_same_v<scalar_t, float>, F32x16, BF16x16>;
+        auto* xv = reinterpret_cast<const typename V::elem*>(x);
+        auto* outv = reinterpret_cast<typename V::elem*>(out);
+        return dropout_fused_avx512<V>(keys, threshold, scale, xv, outv, begin, end);
+      }
+    }
+#endif
     uint64_t bits[kChunkWords];
-    for (int64_t g0 = begin; g0 < end; g0 += kChunkGroups) {
-      const int64_t chunk_groups = std::min(kChunkGroups, end - g0);
-      const int64_t first = g0 * kDropoutElemsPerGroup;
-      const int64_t count = std::min(n, (g0 + chunk_groups) * kDropoutElemsPerGroup) - first;
+    for (int64_t first = begin; first < end; first += kChunkBlocks * kBlockElems) {
+      const int64_t count = std::min(end - first, kChunkBlocks * kBlockElems);
       if (drop_all) {
         std::fill(bits, bits + kChunkWords, uint64_t{0});
       } else {
-        dropout_keep_bits(isa, keys, threshold, static_cast<uint64_t>(g0), chunk_groups, bits);
+        const int64_t groups = (count + kDropoutElemsPerGroup - 1) / kDropoutElemsPerGroup;
+        dropout_keep_bits(isa, keys, threshold, static_cast<uint64_t>(first / kDropoutElemsPerGroup), groups, bits);
       }
       if constexpr (!kAdd) {
         apply_chunk(isa, x + first, out + first, count, bits, scale);
