@@ -51,6 +51,18 @@ void apply_scalar(const scalar_t* x, scalar_t* out, int64_t count, const uint64_
 
 #if FUSEDREG_X86_SIMD
 
+#define FUSEDREG_TARGET_AVX512BF16 \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,bmi,bmi2,popcnt")))
+
+// AVX512_BF16 on top of the AVX-512 level (Zen 4, Cooper Lake, Sapphire Rapids and later).
+bool cpu_has_avx512bf16() {
+  static const bool has = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512bf16") != 0;
+  }();
+  return has;
+}
+
 // One register of 16 elements for the fused AVX-512 loop: float32 as is, bfloat16 widened on load and
 // rounded back on store exactly as c10 does (csrc/common/cpu_vec.h).
 struct F32x16 {
@@ -109,6 +121,59 @@ FUSEDREG_TARGET_AVX512 void dropout_fused_avx512(const PhiloxKeys& keys, uint32_
       }
     }
   }
+}
+
+// c10's bfloat16 rounding (as cpu_vec::to_bf16x16), each result in the low half of its 32-bit lane.
+FUSEDREG_TARGET_AVX512 FUSEDREG_ALWAYS_INLINE __m512i bf16_exact_low_halves(__m512 f) {
+  const __m512i u = _mm512_castps_si512(f);
+  const __m512i bias = _mm512_add_epi32(_mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1)),
+                                        _mm512_set1_epi32(0x7FFF));
+  const __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, bias), 16);
+  return _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(f, f, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+}
+
+// The AVX512_BF16 variant of dropout_fused_avx512<BF16x16> for whole blocks. vcvtne2ps2bf16
+// rounds to nearest even like c10 for normal numbers, infinities and zeros, but flushes
+// denormals to zero and keeps NaN payloads, so a 32-element slice whose products hold a NaN or a
+// denormal is rounded by c10's formula instead (vfpclassps finds them; random data almost never
+// takes that path). Loads widen with unpack{lo,hi}_epi16, whose lane order packus_epi32 undoes on
+// the exact path and one vpermw on the fast path; the keep masks follow by pext. Per 32 elements
+// this is about 10 vector instructions instead of about 20, and the vector pipes are what the
+// Philox rounds are short of.
+FUSEDREG_TARGET_AVX512BF16 void dropout_bf16_avx512bf16(const PhiloxKeys& keys, uint32_t threshold, float scale,
+                                                        const uint16_t* x, uint16_t* out, int64_t begin,
+                                                        int64_t end) {
+  const __m512 s = _mm512_set1_ps(scale);
+  const __m512i zero = _mm512_setzero_si512();
+  // cvtne2ps2bf16(hi, lo) holds lo's 16 results, then hi's; lane i of each came from elements
+  // 8 * (i / 4) + i % 4 (lo) and that + 4 (hi).
+  alignas(64) static constexpr uint16_t kToMemoryOrder[32] = {0,  1,  2,  3,  16, 17, 18, 19, 4,  5,  6,
+                                                               7,  20, 21, 22, 23, 8,  9,  10, 11, 24, 25,
+                                                               26, 27, 12, 13, 14, 15, 28, 29, 30, 31};
+  const __m512i to_memory_order = _mm512_load_si512(kToMemoryOrder);
+  int64_t e = begin;
+  for (; end - e >= kBlockElems; e += kBlockElems) {
+    const philox_simd::KeepWords32 k =
+        philox_simd::keep_words32_avx512(keys, static_cast<uint64_t>(e / kDropoutElemsPerGroup), threshold);
+#pragma GCC unroll 4
+    for (int q = 0; q < 4; ++q) {
+      const uint32_t keep = static_cast<uint32_t>(k.w[q / 2] >> (32 * (q % 2)));
+      const __m512i v = _mm512_loadu_si512(x + e + 32 * q);
+      const __m512 lo = _mm512_maskz_mul_ps(static_cast<__mmask16>(_pext_u32(keep, 0x0F0F0F0Fu)),
+                                            _mm512_castsi512_ps(_mm512_unpacklo_epi16(zero, v)), s);
+      const __m512 hi = _mm512_maskz_mul_ps(static_cast<__mmask16>(_pext_u32(keep, 0xF0F0F0F0u)),
+                                            _mm512_castsi512_ps(_mm512_unpackhi_epi16(zero, v)), s);
+      constexpr int kNanOrDenormal = 0x01 | 0x80 | 0x20;  // QNaN, SNaN, denormal
+      __m512i r;
+      if (__builtin_expect((_mm512_fpclass_ps_mask(lo, kNanOrDenormal) | _mm512_fpclass_ps_mask(hi, kNanOrDenormal)) != 0, 0)) {
+        r = _mm512_packus_epi32(bf16_exact_low_halves(lo), bf16_exact_low_halves(hi));
+      } else {
+        r = _mm512_permutexvar_epi16(to_memory_order, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo)));
+      }
+      _mm512_storeu_si512(out + e + 32 * q, r);
+    }
+  }
+  if (e < end) dropout_fused_avx512<BF16x16>(keys, threshold, scale, x, out, e, end);
 }
 
 // All-ones lanes where bit i of `byte` is set (8 lanes).
@@ -183,6 +248,12 @@ void dropout_cpu_kernel(const DropoutOperands& ops, uint64_t seed, double p) {
 #if FUSEDREG_X86_SIMD
     if constexpr (!kAdd && (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, at::BFloat16>)) {
       if (isa == CpuIsa::kAvx512 && !drop_all) {
+        if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+          if (cpu_has_avx512bf16()) {
+            return dropout_bf16_avx512bf16(keys, threshold, scale, reinterpret_cast<const uint16_t*>(x),
+                                           reinterpret_cast<uint16_t*>(out), begin, end);
+          }
+        }
         using V = std::conditional_t<std::is_same_v<scalar_t, float>, F32x16, BF16x16>;
         auto* xv = reinterpret_cast<const typename V::elem*>(x);
         auto* outv = reinterpret_cast<typename V::elem*>(out);

@@ -75,6 +75,21 @@ def test_dropout_every_level_matches_the_reference_bit_for_bit(level, dtype, p):
                 assert torch.equal(_bits(y), _bits(ref_dropout.dropout_fwd(x, s, p))), (level, n, start, seed)
 
 
+@pytest.mark.parametrize("level", LEVELS, indirect=True)
+@pytest.mark.parametrize("p", [0.0, 0.3, 0.5])
+def test_dropout_bf16_every_bit_pattern_matches_the_reference(level, p):
+    """All 65536 bfloat16 values (denormals, NaNs, infinities, values whose product overflows), in
+    order and shuffled, so that 32-element slices are all-normal, all-special and mixed: the fast
+    conversion and its exact fallback must round exactly as the reference does."""
+    patterns = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    shuffled = patterns[torch.randperm(patterns.numel(), generator=torch.Generator().manual_seed(6))]
+    for x in (patterns, shuffled, shuffled[5:]):
+        for seed in (1, 2**40 + 3):
+            s = torch.tensor(seed, dtype=torch.int64)
+            for op in (torch.ops.fusedreg.dropout_fwd, torch.ops.fusedreg.dropout_bwd):
+                assert torch.equal(_bits(op(x, s, p)), _bits(ref_dropout.dropout_fwd(x, s, p))), (level, seed)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_dropout_levels_agree_with_each_other_and_across_threads(monkeypatch, threads, dtype):
     x = torch.randn(3, 5, 1237).to(dtype)
