@@ -67,6 +67,7 @@ bool cpu_has_avx512bf16() {
 // rounded back on store exactly as c10 does (csrc/common/cpu_vec.h).
 struct F32x16 {
   using elem = float;
+  static FUSEDREG_ALWAYS_INLINE float to_float(float v) { return v; }
   FUSEDREG_TARGET_AVX512 static FUSEDREG_ALWAYS_INLINE __m512 load(const float* p) { return _mm512_loadu_ps(p); }
   FUSEDREG_TARGET_AVX512 static FUSEDREG_ALWAYS_INLINE __m512 maskz_load(__mmask16 k, const float* p) {
     return _mm512_maskz_loadu_ps(k, p);
@@ -79,6 +80,7 @@ struct F32x16 {
 
 struct BF16x16 {
   using elem = uint16_t;
+  static FUSEDREG_ALWAYS_INLINE float to_float(uint16_t v) { return cpu_vec::bf16_bits_to_float(v); }
   FUSEDREG_TARGET_AVX512 static FUSEDREG_ALWAYS_INLINE __m512 load(const uint16_t* p) {
     return cpu_vec::load_bf16x16(p);
   }
@@ -119,6 +121,53 @@ FUSEDREG_TARGET_AVX512 void dropout_fused_avx512(const PhiloxKeys& keys, uint32_
         const __mmask16 keep = static_cast<__mmask16>(k.w[q / 4] >> (16 * (q % 4)));
         V::mask_store(out + e + 16 * q, live, _mm512_maskz_mul_ps(keep, V::maskz_load(live, x + e + 16 * q), s));
       }
+    }
+  }
+}
+
+// The bias of the next `count` (<= 16) elements as floats, cursor moved past them: one load when
+// the bias is contiguous in memory order and does not wrap inside the 16, else element by element.
+template <typename V>
+FUSEDREG_TARGET_AVX512 FUSEDREG_ALWAYS_INLINE __m512 next_bias16(const typename V::elem* bias,
+                                                                BiasCursor<int64_t>& cursor, int64_t stride,
+                                                                int64_t size, int64_t count) {
+  if (stride == 1 && count == 16 && cursor.b + 16 <= size) {
+    const __m512 v = V::load(bias + cursor.b);
+    cursor.b = cursor.b + 16 == size ? 0 : cursor.b + 16;
+    return v;
+  }
+  alignas(64) float values[16] = {};
+  for (int64_t j = 0; j < count; ++j) {
+    values[j] = V::to_float(bias[cursor.b]);
+    cursor.next(stride, size);
+  }
+  return _mm512_load_ps(values);
+}
+
+// dropout_add for elements [begin, end) (begin a multiple of kBlockElems): out = residual +
+// (keep ? (x + bias) * scale : 0) with the same fp32 additions and multiply, each rounded once,
+// as the scalar loop (no fused multiply-add), and the keep bits straight from registers.
+template <typename V>
+FUSEDREG_TARGET_AVX512 void dropout_add_avx512(const PhiloxKeys& keys, uint32_t threshold, bool drop_all,
+                                               float scale, const DropoutOperands& ops,
+                                               const typename V::elem* x, const typename V::elem* residual,
+                                               const typename V::elem* bias, typename V::elem* out,
+                                               int64_t begin, int64_t end) {
+  const __m512 s = _mm512_set1_ps(scale);
+  auto cursor = BiasCursor<int64_t>::at(begin, ops.bias_stride, ops.bias_size);
+  for (int64_t e = begin; e < end; e += kBlockElems) {
+    const philox_simd::KeepWords32 k =
+        drop_all ? philox_simd::KeepWords32{{0, 0}}
+                 : philox_simd::keep_words32_avx512(keys, static_cast<uint64_t>(e / kDropoutElemsPerGroup),
+                                                    threshold);
+    for (int q = 0; q < 8 && e + 16 * q < end; ++q) {
+      const int64_t j = e + 16 * q, count = std::min<int64_t>(16, end - j);
+      const __mmask16 live = count == 16 ? __mmask16{0xFFFF} : static_cast<__mmask16>((1u << count) - 1u);
+      const __mmask16 keep = static_cast<__mmask16>(k.w[q / 4] >> (16 * (q % 4)));
+      __m512 v = V::maskz_load(live, x + j);
+      if (bias) v = _mm512_add_ps(v, next_bias16<V>(bias, cursor, ops.bias_stride, ops.bias_size, count));
+      const __m512 o = _mm512_add_ps(V::maskz_load(live, residual + j), _mm512_maskz_mul_ps(keep, v, s));
+      V::mask_store(out + j, live, o);
     }
   }
 }
@@ -246,6 +295,15 @@ void dropout_cpu_kernel(const DropoutOperands& ops, uint64_t seed, double p) {
   at::parallel_for(0, blocks, kBlocksPerTask, [&](int64_t block_begin, int64_t block_end) {
     const int64_t begin = block_begin * kBlockElems, end = std::min(n, block_end * kBlockElems);
 #if FUSEDREG_X86_SIMD
+    if constexpr (kAdd && (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, at::BFloat16>)) {
+      if (isa == CpuIsa::kAvx512) {
+        using V = std::conditional_t<std::is_same_v<scalar_t, float>, F32x16, BF16x16>;
+        using E = typename V::elem;
+        return dropout_add_avx512<V>(keys, threshold, drop_all, scale, ops, reinterpret_cast<const E*>(x),
+                                     reinterpret_cast<const E*>(residual), reinterpret_cast<const E*>(bias),
+                                     reinterpret_cast<E*>(out), begin, end);
+      }
+    }
     if constexpr (!kAdd && (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, at::BFloat16>)) {
       if (isa == CpuIsa::kAvx512 && !drop_all) {
         if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
