@@ -216,7 +216,8 @@ FUSEDREG_TARGET_AVX512BF16 void dropout_bf16_avx512bf16(const PhiloxKeys& keys, 
                                             _mm512_castsi512_ps(_mm512_unpackhi_epi16(zero, v)), s);
       constexpr int kNanOrDenormal = 0x01 | 0x80 | 0x20;  // QNaN, SNaN, denormal
       __m512i r;
-      if (__builtin_expect((_mm512_fpclass_ps_mask(lo, kNanOrDenormal) | _mm512_fpclass_ps_mask(hi, kNanOrDenormal)) != 0, 0)) {
+      const __mmask16 special = _mm512_fpclass_ps_mask(lo, kNanOrDenormal) | _mm512_fpclass_ps_mask(hi, kNanOrDenormal);
+      if (__builtin_expect(special != 0, 0)) {
         r = _mm512_packus_epi32(bf16_exact_low_halves(lo), bf16_exact_low_halves(hi));
       } else {
         r = _mm512_permutexvar_epi16(to_memory_order, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo)));

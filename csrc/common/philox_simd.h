@@ -103,6 +103,11 @@ struct KeepWords32 {
   uint64_t w[2];
 };
 
+// A round key in every 32-bit lane: what vpternlogd reads as a {1to16} memory operand.
+FUSEDREG_TARGET_AVX512 FUSEDREG_ALWAYS_INLINE __m512i key_lanes(uint32_t key) {
+  return _mm512_set1_epi32(static_cast<int>(key));
+}
+
 // 32 groups from four streams of 8 counters: stream 2h + e holds groups first + 16h + 2i + e in
 // its 64-bit lanes i, so that one unsigned compare of the even 32-bit lanes gives bit 2i of a
 // mask and the odd-group stream's mask shifted by one fills the gaps. Four independent streams
@@ -131,23 +136,22 @@ FUSEDREG_TARGET_AVX512 FUSEDREG_ALWAYS_INLINE KeepWords32 keep_words32_avx512(co
   __m512i c0[kStreams], c1[kStreams], c2[kStreams], c3[kStreams];
   for (int s = 0; s < kStreams; ++s) {
     const __m512i p0 = _mm512_mul_epu32(_mm512_add_epi64(lanes, _mm512_set1_epi64(16 * (s / 2) + s % 2)), m0);
-    const __m512i c2_round1 = _mm512_xor_si512(_mm512_srli_epi64(p0, 32), _mm512_set1_epi32(static_cast<int>(keys.k1[0])));
+    const __m512i c2_round1 = _mm512_xor_si512(_mm512_srli_epi64(p0, 32), key_lanes(keys.k1[0]));
     const __m512i p1 = _mm512_mul_epu32(c2_round1, m1);
-    c0[s] = _mm512_xor_si512(_mm512_srli_epi64(p1, 32), _mm512_set1_epi32(static_cast<int>(keys.k0[1])));  // c1 was 0
+    c0[s] = _mm512_xor_si512(_mm512_srli_epi64(p1, 32), key_lanes(keys.k0[1]));  // c1 was 0
     c1[s] = p1;
     c2[s] = _mm512_xor_si512(p0, k1_round2);  // c3 after round 1 is p0
   }
   for (int s = 0; s < kStreams; ++s) {  // round 3: c3 after round 2 is the constant lo(p0_round2)
     const __m512i p0 = _mm512_mul_epu32(c0[s], m0);
     const __m512i p1 = _mm512_mul_epu32(c2[s], m1);
-    c0[s] = _mm512_ternarylogic_epi32(_mm512_srli_epi64(p1, 32), c1[s], _mm512_set1_epi32(static_cast<int>(keys.k0[2])), 0x96);
+    c0[s] = _mm512_ternarylogic_epi32(_mm512_srli_epi64(p1, 32), c1[s], key_lanes(keys.k0[2]), 0x96);
     c1[s] = p1;
     c2[s] = _mm512_xor_si512(_mm512_srli_epi64(p0, 32), k1_round3);
     c3[s] = p0;
   }
   for (int round = 3; round < kPhiloxRounds; ++round) {
-    const __m512i k0 = _mm512_set1_epi32(static_cast<int>(keys.k0[round]));
-    const __m512i k1 = _mm512_set1_epi32(static_cast<int>(keys.k1[round]));
+    const __m512i k0 = key_lanes(keys.k0[round]), k1 = key_lanes(keys.k1[round]);
     for (int s = 0; s < kStreams; ++s) {
       const __m512i p0 = _mm512_mul_epu32(c0[s], m0);
       const __m512i p1 = _mm512_mul_epu32(c2[s], m1);
