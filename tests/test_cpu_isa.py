@@ -75,6 +75,21 @@ def test_dropout_every_level_matches_the_reference_bit_for_bit(level, dtype, p):
                 assert torch.equal(_bits(y), _bits(ref_dropout.dropout_fwd(x, s, p))), (level, n, start, seed)
 
 
+@pytest.mark.parametrize("level", LEVELS, indirect=True)
+@pytest.mark.parametrize("p", [0.0, 0.3, 0.5])
+def test_dropout_bf16_every_bit_pattern_matches_the_reference(level, p):
+    """All 65536 bfloat16 values (denormals, NaNs, infinities, values whose product overflows), in
+    order and shuffled, so that 32-element slices are all-normal, all-special and mixed: the fast
+    conversion and its exact fallback must round exactly as the reference does."""
+    patterns = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    shuffled = patterns[torch.randperm(patterns.numel(), generator=torch.Generator().manual_seed(6))]
+    for x in (patterns, shuffled, shuffled[5:]):
+        for seed in (1, 2**40 + 3):
+            s = torch.tensor(seed, dtype=torch.int64)
+            for op in (torch.ops.fusedreg.dropout_fwd, torch.ops.fusedreg.dropout_bwd):
+                assert torch.equal(_bits(op(x, s, p)), _bits(ref_dropout.dropout_fwd(x, s, p))), (level, seed)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_dropout_levels_agree_with_each_other_and_across_threads(monkeypatch, threads, dtype):
     x = torch.randn(3, 5, 1237).to(dtype)
@@ -94,13 +109,23 @@ def test_dropout_levels_agree_with_each_other_and_across_threads(monkeypatch, th
 
 @pytest.mark.parametrize("level", LEVELS, indirect=True)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
-def test_dropout_add_every_level_matches_the_reference(level, dtype):
+@pytest.mark.parametrize("p", [0.0, 0.2, 1.0])
+def test_dropout_add_every_level_matches_the_reference(level, dtype, p):
+    """Bias rows that are whole vectors (1024), that wrap inside one (129), short ones (3), a bias
+    whose dim is not innermost in memory (transposed), no bias, NaN and inf, ragged tails."""
     gen = torch.Generator().manual_seed(4)
-    x = torch.randn(37, 129, generator=gen).to(dtype)
-    residual, bias = torch.randn_like(x), torch.randn(129, generator=gen).to(dtype)
-    s = torch.tensor(5, dtype=torch.int64)
-    y = torch.ops.fusedreg.dropout_add_fwd(x, residual, bias, s, 0.2)
-    assert torch.equal(_bits(y), _bits(ref_dropout.dropout_add_fwd(x, residual, bias, s, 0.2)))
+    cases = [(37, 129), (5, 1024), (11, 3), (1, 1000)]
+    for rows, cols in cases:
+        for transposed in (False, True):
+            base = torch.randn(cols, rows, generator=gen) if transposed else torch.randn(rows, cols, generator=gen)
+            base.view(-1)[:3] = torch.tensor([float("nan"), float("inf"), -0.0])
+            x = base.to(dtype).t() if transposed else base.to(dtype)
+            residual, bias = torch.randn_like(x), torch.randn(cols, generator=gen).to(dtype)
+            s = torch.tensor(5, dtype=torch.int64)
+            for b in (bias, None):
+                y = torch.ops.fusedreg.dropout_add_fwd(x, residual, b, s, p)
+                expected = ref_dropout.dropout_add_fwd(x, residual, b, s, p)
+                assert torch.equal(_bits(y), _bits(expected)), (level, rows, cols, transposed, b is None)
 
 
 def test_unknown_capability_falls_back_to_the_best_level(monkeypatch):
