@@ -1,28 +1,22 @@
 """Instruction counts of the CPU cases under valgrind's callgrind: `fusedreg bench --count-instructions`.
 
-Wall-clock times on a shared machine swing with other processes' load; the number of instructions a
-call executes does not. For every CPU case with a fusedreg[cpu] subject, this counts the
-instructions (callgrind's Ir) of one call of the subject and of each PyTorch built-in baseline of
-the same case (the names starting "torch "; torch.compile and the eager reference are left out),
-on the same inputs, one thread, and reports instructions per call, per element and the ratio
-baseline / subject (above 1: fusedreg executes fewer instructions).
+Times on a shared machine swing with other processes' load; instruction counts do not. For every
+CPU case with a fusedreg[cpu] subject, this counts the instructions (callgrind's Ir) of one call of
+the subject and of each PyTorch built-in baseline of the case (names starting "torch "), on the
+same inputs, one thread: per call, per element, and the ratio baseline / subject.
 
-How one call is counted. Everything runs in one child process under
-`valgrind --tool=callgrind --instr-atstart=no --collect-atstart=no`: Python, torch and the cases
-start uninstrumented (about 4x faster than instrumented; importing torch instrumented costs a
-minute). A helper of five functions, compiled here from callgrind.h's client requests (the cpu
-library cannot carry such a marker), brackets each measured region: start instrumentation, zero the
-counters, switch collection on, N calls, switch it off, dump the counts under a label. The region
-still contains a constant cost besides the calls (the loop, the ctypes calls into the helper), so
-each implementation is counted twice, N calls and 2N calls, and the difference divided by N is the
-cost of one call: constant costs cancel, nothing is estimated. Each implementation is set up and
-called twice before counting (lazy initialisation, allocator growth), and the Python garbage
-collector is off during the regions, so that a collection cannot land in one region and not the
-other. Valgrind's virtual CPU supports AVX2 but not AVX-512 (it hides AVX-512 from CPUID, and an
-AVX-512 instruction would stop the run with SIGILL), so both sides are pinned to AVX2
-(FUSEDREG_CPU_CAPABILITY and ATEN_CPU_CAPABILITY, unless set by the caller) and the levels each
-side actually used are in the header. Counts are of x86 instructions, not time: a division and an
-add count one each, and memory stalls do not count at all; they compare work, not speed.
+Method: one child process runs every case under `valgrind --tool=callgrind --instr-atstart=no
+--collect-atstart=no`, so Python and torch start uninstrumented (importing torch instrumented costs
+a minute). A helper compiled at run time from callgrind.h's client requests (the cpu library has no
+such marker) brackets each region: start instrumentation, zero, collect on, N calls, collect off,
+dump under a label. Each implementation is counted over N and over 2N calls; (c_2N - c_N) / N is one
+call, and the region's constant cost (the loop, the ctypes calls) cancels exactly. Warm-up calls
+first (lazy initialisation, allocator growth, Python's bytecode specialisation); the garbage
+collector is off in the regions, so a collection cannot land in one region and not the other.
+Valgrind decodes AVX2 but not AVX-512 (its virtual CPU hides it; an AVX-512 instruction stops the
+run with SIGILL), so both sides are pinned to AVX2 (FUSEDREG_CPU_CAPABILITY, ATEN_CPU_CAPABILITY,
+unless the caller set them) and the header names the level each side used. Instructions are work,
+not time: a division counts like an add, a cache miss not at all.
 """
 from __future__ import annotations
 
@@ -37,14 +31,18 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Callable, Sequence
+from typing import Sequence
 
 __all__ = ["CallgrindUnavailable", "parse_counts", "per_call", "primary_elements", "plan_cases", "count",
            "format_table", "main"]
 
-# Calls in the first counted region; the second has twice as many.
-CALLS = 2
-WARMUP_CALLS = 2
+# --quick leaves out sizes above this many elements (clip's 7.8M-gradient GPT-2 lists): under
+# valgrind a call takes ~50x its native time, and the smallest size of every other case is below.
+QUICK_MAX_ELEMENTS = 2**21
+# Calls in the first counted region; the second has twice as many. Fewer than 4 leave call-to-call
+# differences of the Python side (allocator state) visible: +-2% per call at 2^16 elements.
+CALLS = 4
+WARMUP_CALLS = 8
 _ISA_NAMES = {0: "default", 1: "avx2", 2: "avx512"}
 
 _HELPER_SOURCE = r"""
@@ -148,7 +146,8 @@ def _is_baseline(name: str) -> bool:
 
 def plan_cases(ops: Sequence[str] | None, dtypes=None, quick: bool = False) -> list[dict]:
     """Measurements: every CPU case whose subject is fusedreg[cpu], its quick sizes (with `quick`,
-    the first, smallest, only), the dtypes asked for; the subject and the torch baselines."""
+    the first, smallest, only, and not above QUICK_MAX_ELEMENTS), the dtypes asked for; the subject
+    and the torch baselines."""
     from . import registry
 
     plan = []
@@ -161,7 +160,8 @@ def plan_cases(ops: Sequence[str] | None, dtypes=None, quick: bool = False) -> l
         for dtype in [d for d in case.dtypes if dtypes is None or d in dtypes]:
             for size in sizes[:1] if quick else sizes:
                 plan.append({"case": case.key, "dtype": str(dtype).removeprefix("torch."), "size": size,
-                             "size_label": case.size_label(size), "impls": names})
+                             "size_label": case.size_label(size), "impls": names,
+                             "max_elements": QUICK_MAX_ELEMENTS if quick else None})
     return plan
 
 
@@ -176,6 +176,7 @@ def _child(plan_path: str, out_path: str, helper_path: str) -> None:
 
     from . import registry
 
+    started = time.monotonic()
     torch.set_num_threads(1)
     lib = ctypes.CDLL(helper_path)
     lib.fusedreg_cg_end.argtypes = [ctypes.c_char_p]
@@ -200,9 +201,12 @@ def _child(plan_path: str, out_path: str, helper_path: str) -> None:
                 emit({"id": k, "error": f"making inputs failed: {type(exc).__name__}: {exc}"})
                 continue
             emit({"id": k, "elements": elements})
+            if item.get("max_elements") and elements > item["max_elements"]:
+                emit({"id": k, "skipped": f"{elements} elements, above --quick's {item['max_elements']}"})
+                continue
             for j, name in enumerate(item["impls"]):
-                print(f"[{k + 1}/{len(plan)}] {item['case']} {item['dtype']} {item['size_label']} {name}",
-                      file=sys.stderr, flush=True)
+                print(f"[{k + 1}/{len(plan)}] {item['case']} {item['dtype']} {item['size_label']} {name} "
+                      f"({time.monotonic() - started:.0f} s so far)", file=sys.stderr, flush=True)
                 try:
                     fn = impls[name].setup(inputs)
                     for _ in range(WARMUP_CALLS):
@@ -210,12 +214,13 @@ def _child(plan_path: str, out_path: str, helper_path: str) -> None:
                 except Exception as exc:
                     emit({"id": k, "impl": name, "error": f"{type(exc).__name__}: {exc}"})
                     continue
-                labels = [f"m{k}.{j}.{calls}" for calls in (CALLS, 2 * CALLS)]
+                calls_n = item.get("calls", CALLS)
+                labels = [f"m{k}.{j}.{calls}" for calls in (calls_n, 2 * calls_n)]
                 gc.collect()
                 gc.disable()
                 lib.fusedreg_cg_start()
                 try:
-                    for label, calls in zip(labels, (CALLS, 2 * CALLS)):
+                    for label, calls in zip(labels, (calls_n, 2 * calls_n)):
                         lib.fusedreg_cg_begin()
                         try:
                             for _ in range(calls):
@@ -225,7 +230,7 @@ def _child(plan_path: str, out_path: str, helper_path: str) -> None:
                 except Exception as exc:
                     emit({"id": k, "impl": name, "error": f"{type(exc).__name__}: {exc}"})
                 else:
-                    emit({"id": k, "impl": name, "labels": labels, "calls": CALLS})
+                    emit({"id": k, "impl": name, "labels": labels, "calls": calls_n})
                 finally:
                     lib.fusedreg_cg_stop()
                     gc.enable()
@@ -276,8 +281,12 @@ def count(ops: Sequence[str] | None = None, dtypes=None, quick: bool = False, *,
     temporary one, removed). Raises CallgrindUnavailable when counting cannot run here."""
     from .machine import machine_info
 
+    from .. import _build
+
     valgrind = _which_valgrind()
     plan = plan_cases(ops, dtypes, quick) if plan is None else plan
+    if _build.unbuildable_reason("cpu") is None:
+        _build.load_library("cpu")  # built here if need be: a build under valgrind would take ages
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="fusedreg-callgrind-") as scratch:
         workdir = keep or scratch
@@ -321,7 +330,8 @@ def _document(plan: list[dict], records: list[dict], dumps: dict[str, int], cras
         if "elements" in record:
             entry["elements"] = record["elements"]
         elif "impl" not in record:
-            entry["impls"] = {name: {"ok": False, "error": record["error"]} for name in entry["impls"]}
+            failure = {"skipped": record["skipped"]} if "skipped" in record else {"error": record["error"]}
+            entry["impls"] = {name: {"ok": False, **failure} for name in entry["impls"]}
         elif "error" in record:
             entry["impls"][record["impl"]] = {"ok": False, "error": record["error"]}
         elif all(label in dumps for label in record["labels"]):
@@ -361,7 +371,7 @@ def _format_count(n: float) -> str:
 def failures(doc: dict) -> list[str]:
     """'case dtype size impl: error' for every implementation that was not counted."""
     return [f"{e['op']}/{e['case']} {e['dtype']} {e['size_label']} {name}: {r['error'].splitlines()[0]}"
-            for e in doc["results"] for name, r in e["impls"].items() if not r.get("ok")]
+            for e in doc["results"] for name, r in e["impls"].items() if "error" in r]
 
 
 def format_table(doc: dict) -> str:
@@ -390,7 +400,8 @@ def format_table(doc: dict) -> str:
                 lead = [entry["size_label"], entry["dtype"]] if first else ["", ""]
                 first = False
                 if not r.get("ok"):
-                    rows.append(lead + [name, "ERROR " + " ".join(r["error"].split())[:80]])
+                    why = f"n/a: {r['skipped']}" if "skipped" in r else "ERROR " + " ".join(r["error"].split())
+                    rows.append(lead + [name, why[:80]])
                     continue
                 ratio = entry["ratios"].get(name)
                 rows.append(lead + [name, _format_count(r["instructions"]),
