@@ -178,9 +178,9 @@ def _cmd_bench(args, parser: argparse.ArgumentParser) -> int:
 
         return static_sass.main(args.json, args.dtype)
     if args.count_instructions:  # no timing: instructions per call under valgrind's callgrind
-        from fusedreg.bench import callgrind
+        from fusedreg.bench import callgrind_report
 
-        return callgrind.main(args, parser)
+        return callgrind_report.main(args, parser)
 
     import torch
 

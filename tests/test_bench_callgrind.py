@@ -1,6 +1,7 @@
-"""`fusedreg bench --count-instructions` (fusedreg/bench/callgrind.py): reading callgrind's output,
-the N / 2N differencing, the results document, the plan, the CLI without valgrind, and, where
-valgrind runs, one real count: repeatable and proportional to the elements of a streaming op."""
+"""`fusedreg bench --count-instructions` (fusedreg/bench/callgrind.py, callgrind_report.py): reading
+callgrind's output, the N / 2N differencing, the results document, the plan, the CLI without
+valgrind, and, where valgrind runs, one real count: repeatable and proportional to the elements of a
+streaming op."""
 import os
 import shutil
 import subprocess
@@ -10,6 +11,7 @@ import torch
 
 from fusedreg import cli
 from fusedreg.bench import callgrind as cg
+from fusedreg.bench import callgrind_report
 
 # A dump as callgrind writes it for CALLGRIND_DUMP_STATS_AT("m3.1.8") (header, two functions, totals).
 _DUMP = """# callgrind format
@@ -100,8 +102,8 @@ def test_document_differences_each_implementation_and_takes_ratios():
     assert entry["ratios"] == {"torch a": 3.0, "torch b": None}
     assert entry["impls"]["torch b"] == {"ok": False, "error": "RuntimeError: boom"}
     assert doc["torch_isa"] == "AVX2" and doc["fusedreg_isa"] == "avx2" and doc["on_valgrind"]
-    assert cg.failures(doc) == ["dropout/fwd float32 1000 torch b: RuntimeError: boom"]
-    table = cg.format_table(dict(doc, machine={"cpu": "test cpu", "cpu_count": 2, "torch": "x"},
+    assert callgrind_report.failures(doc) == ["dropout/fwd float32 1000 torch b: RuntimeError: boom"]
+    table = callgrind_report.format_table(dict(doc, machine={"cpu": "test cpu", "cpu_count": 2, "torch": "x"},
                                  valgrind="valgrind-x"))
     assert "3.00x" in table and "10.00" in table and "ERROR RuntimeError: boom" in table
 
@@ -120,8 +122,9 @@ def test_document_marks_what_a_crashed_child_did_not_count():
     assert all(r["error"].startswith("the valgrind child exited") for r in second["impls"].values())
 
 
-@pytest.mark.parametrize("supported, cap, level", [(1, "avx2", "avx2"), (2, "avx2", "avx2"), (1, "avx512", "avx2"),
-                                                   (2, "default", "default"), (2, "bogus", "avx512")])
+@pytest.mark.parametrize("supported, cap, level", [(1, "avx2", "avx2"), (2, "avx2", "avx2"),
+                                                   (1, "avx512", "avx2"), (2, "default", "default"),
+                                                   (2, "bogus", "avx512")])
 def test_fusedreg_level_follows_cpu_isa_h(supported, cap, level):
     assert cg._fusedreg_level(supported, cap) == level
 
@@ -138,7 +141,8 @@ def test_primary_elements():
 
 def test_plan_pairs_fusedreg_cpu_with_torch_builtins_only():
     plan = cg.plan_cases(None, quick=True)
-    assert {item["case"].split("/")[0] for item in plan} >= {"dropout", "dropout_add", "adamw", "clip", "batch_norm"}
+    ops = {item["case"].split("/")[0] for item in plan}
+    assert ops >= {"dropout", "dropout_add", "adamw", "clip", "batch_norm"}
     for item in plan:
         subject, *baselines = item["impls"]
         assert subject.startswith("fusedreg[cpu]"), item
@@ -152,7 +156,8 @@ def test_plan_pairs_fusedreg_cpu_with_torch_builtins_only():
 
 def test_cli_without_valgrind_says_so_and_exits_3(monkeypatch, capsys):
     real_which = shutil.which
-    monkeypatch.setattr(cg.shutil, "which", lambda name, *a, **k: None if name == "valgrind" else real_which(name))
+    monkeypatch.setattr(cg.shutil, "which",
+                        lambda name, *a, **k: None if name == "valgrind" else real_which(name))
     assert cli.main(["bench", "--count-instructions", "dropout", "--quick"]) == 3
     assert "valgrind not found" in capsys.readouterr().err
 
@@ -169,10 +174,13 @@ def test_cli_rejects_cuda_and_threads():
 def _can_count() -> str | None:
     if shutil.which("valgrind") is None:
         return "valgrind not installed"
-    proc = subprocess.run([os.environ.get("CC", "cc"), "-E", "-x", "c", "-"], input="#include <valgrind/callgrind.h>\n",
-                          capture_output=True, text=True) if shutil.which(os.environ.get("CC", "cc")) else None
-    if proc is None or proc.returncode != 0:
-        return "no C compiler with valgrind/callgrind.h"
+    compiler = shutil.which(os.environ.get("CC", "cc"))
+    if compiler is None:
+        return "no C compiler"
+    proc = subprocess.run([compiler, "-E", "-x", "c", "-"], input="#include <valgrind/callgrind.h>\n",
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        return "valgrind/callgrind.h not found"
     return None
 
 
@@ -190,7 +198,7 @@ def counted(cpu_library):
 
 
 def test_real_count_runs_on_valgrind_at_avx2(counted):
-    assert counted["crash"] is None and cg.failures(counted) == []
+    assert counted["crash"] is None and callgrind_report.failures(counted) == []
     assert counted["on_valgrind"] and counted["threads"] == 1
     assert counted["fusedreg_isa"] == "avx2" and counted["torch_isa"] == "AVX2"
     first = counted["results"][0]
