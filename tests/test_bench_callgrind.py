@@ -122,6 +122,18 @@ def test_document_marks_what_a_crashed_child_did_not_count():
     assert all(r["error"].startswith("the valgrind child exited") for r in second["impls"].values())
 
 
+def test_document_and_table_show_skipped_cases_as_not_failed():
+    plan = [dict(_plan_item(["fusedreg[cpu]", "torch a"]), skipped="9000000 elements, above --quick's 2097152")]
+    records = [{"on_valgrind": 1, "torch_isa": "AVX2", "cpu_level": 1, "threads": 1},
+               {"id": 0, "skipped": plan[0]["skipped"]}]
+    doc = cg._document(plan, records, {}, crash=None)
+    assert all(r == {"ok": False, "skipped": plan[0]["skipped"]} for r in doc["results"][0]["impls"].values())
+    assert callgrind_report.failures(doc) == []
+    table = callgrind_report.format_table(dict(doc, machine={"cpu": "c", "cpu_count": 2, "torch": "x"},
+                                               valgrind="valgrind-x"))
+    assert "n/a: 9000000 elements, above --quick's 2097152" in table
+
+
 @pytest.mark.parametrize("supported, cap, level", [(1, "avx2", "avx2"), (2, "avx2", "avx2"),
                                                    (1, "avx512", "avx2"), (2, "default", "default"),
                                                    (2, "bogus", "avx512")])
@@ -149,6 +161,9 @@ def test_plan_pairs_fusedreg_cpu_with_torch_builtins_only():
         assert baselines and all(name.startswith("torch ") for name in baselines), item
     keys = [(item["case"], item["dtype"]) for item in plan]
     assert len(keys) == len(set(keys)), "--quick counts one size per case and dtype"
+    skipped = [int(item["skipped"].split()[0]) for item in plan if "skipped" in item]
+    assert all(elements > cg.QUICK_MAX_ELEMENTS for elements in skipped)
+    assert len(skipped) < len(plan)
     full = cg.plan_cases(["dropout"], dtypes=[torch.bfloat16])
     assert {item["dtype"] for item in full} == {"bfloat16"} and len(full) > len(
         cg.plan_cases(["dropout"], dtypes=[torch.bfloat16], quick=True))

@@ -34,7 +34,7 @@ import time
 from typing import Sequence
 
 __all__ = ["CallgrindUnavailable", "parse_counts", "read_dumps", "per_call", "primary_elements", "plan_cases",
-           "count", "QUICK_MAX_ELEMENTS"]
+           "count", "which_valgrind", "QUICK_MAX_ELEMENTS"]
 
 # --quick leaves out sizes above this many elements (clip's 7.8M-gradient GPT-2 lists): under
 # valgrind a call takes ~50x its native time, and the smallest size of every other case is below.
@@ -146,8 +146,11 @@ def _is_baseline(name: str) -> bool:
 
 def plan_cases(ops: Sequence[str] | None, dtypes=None, quick: bool = False) -> list[dict]:
     """Measurements: every CPU case whose subject is fusedreg[cpu], its quick sizes (with `quick`,
-    the first, smallest, only, and not above QUICK_MAX_ELEMENTS), the dtypes asked for; the subject
-    and the torch baselines."""
+    the first, smallest, only; one above QUICK_MAX_ELEMENTS is marked skipped, its inputs made here
+    to count them: under valgrind that alone takes seconds), the dtypes asked for; the subject and
+    the torch baselines."""
+    import torch
+
     from . import registry
 
     plan = []
@@ -159,9 +162,14 @@ def plan_cases(ops: Sequence[str] | None, dtypes=None, quick: bool = False) -> l
         sizes = case.sizes_for("cpu", True)
         for dtype in [d for d in case.dtypes if dtypes is None or d in dtypes]:
             for size in sizes[:1] if quick else sizes:
-                plan.append({"case": case.key, "dtype": str(dtype).removeprefix("torch."), "size": size,
-                             "size_label": case.size_label(size), "impls": names,
-                             "max_elements": QUICK_MAX_ELEMENTS if quick else None})
+                item = {"case": case.key, "dtype": str(dtype).removeprefix("torch."), "size": size,
+                        "size_label": case.size_label(size), "impls": names}
+                if quick:
+                    with torch.random.fork_rng():
+                        elements = primary_elements(case.make(size, dtype, "cpu"))
+                    if elements > QUICK_MAX_ELEMENTS:
+                        item["skipped"] = f"{elements} elements, above --quick's {QUICK_MAX_ELEMENTS}"
+                plan.append(item)
     return plan
 
 
@@ -193,6 +201,9 @@ def _child(plan_path: str, out_path: str, helper_path: str) -> None:
         for k, item in enumerate(plan):
             case = cases[item["case"]]
             impls = case.impls_for("cpu", False)
+            if "skipped" in item:
+                emit({"id": k, "skipped": item["skipped"]})
+                continue
             torch.manual_seed(0)
             try:
                 inputs = case.make(_as_size(item["size"]), getattr(torch, item["dtype"]), "cpu")
@@ -201,9 +212,6 @@ def _child(plan_path: str, out_path: str, helper_path: str) -> None:
                 emit({"id": k, "error": f"making inputs failed: {type(exc).__name__}: {exc}"})
                 continue
             emit({"id": k, "elements": elements})
-            if item.get("max_elements") and elements > item["max_elements"]:
-                emit({"id": k, "skipped": f"{elements} elements, above --quick's {item['max_elements']}"})
-                continue
             for j, name in enumerate(item["impls"]):
                 print(f"[{k + 1}/{len(plan)}] {item['case']} {item['dtype']} {item['size_label']} {name} "
                       f"({time.monotonic() - started:.0f} s so far)", file=sys.stderr, flush=True)
@@ -239,7 +247,8 @@ def _child(plan_path: str, out_path: str, helper_path: str) -> None:
 
 # ----------------------------------------------------------------------------- the parent
 
-def _which_valgrind() -> str:
+def which_valgrind() -> str:
+    """valgrind's path; raises CallgrindUnavailable without one."""
     path = shutil.which("valgrind")
     if path is None:
         raise CallgrindUnavailable("valgrind not found on PATH: instruction counts need valgrind's callgrind "
@@ -284,7 +293,7 @@ def count(ops: Sequence[str] | None = None, dtypes=None, quick: bool = False, *,
 
     from .. import _build
 
-    valgrind = _which_valgrind()
+    valgrind = which_valgrind()
     plan = plan_cases(ops, dtypes, quick) if plan is None else plan
     if _build.unbuildable_reason("cpu") is None:
         _build.load_library("cpu")  # built here if need be: a build under valgrind would take ages

@@ -6,7 +6,7 @@ import os
 import sys
 from itertools import groupby
 
-from .callgrind import CallgrindUnavailable, count, plan_cases
+from .callgrind import CallgrindUnavailable, count, plan_cases, which_valgrind
 from .machine import machine_label
 from .report import _render, write_json, write_text
 
@@ -85,12 +85,13 @@ def main(args, parser) -> int:
     if unknown:
         parser.error(f"unknown op {', '.join(map(repr, unknown))}; "
                      f"registered: {', '.join(registry.known_ops())}")
-    plan = plan_cases(args.ops, args.dtype, args.quick)
-    if not plan:
-        parser.error("no CPU case with a fusedreg[cpu] implementation matches these ops and dtypes")
-    print(f"counting {len(plan)} case(s) under callgrind in one valgrind process (~1 min to start) ...",
-          file=sys.stderr, flush=True)
     try:
+        which_valgrind()  # before planning: --quick makes every case's inputs to count their elements
+        plan = plan_cases(args.ops, args.dtype, args.quick)
+        if not plan:
+            parser.error("no CPU case with a fusedreg[cpu] implementation matches these ops and dtypes")
+        print(f"counting {len(plan)} case(s) under callgrind in one valgrind process (~1 min to start) ...",
+              file=sys.stderr, flush=True)
         doc = count(plan=plan)
     except CallgrindUnavailable as exc:
         print(f"fusedreg bench --count-instructions: cannot count here: {exc}", file=sys.stderr)
