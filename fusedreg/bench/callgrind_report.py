@@ -42,6 +42,10 @@ def format_table(doc: dict) -> str:
     for key, entries in groupby(doc["results"], key=lambda e: f"{e['op']}/{e['case']}"):
         rows = [["size", "dtype", "implementation", "instr/call", "instr/elem", "ratio"]]
         for entry in entries:
+            skips = {r.get("skipped") for r in entry["impls"].values()}
+            if len(skips) == 1 and None not in skips:  # left out as a whole (--quick's size limit)
+                rows.append([entry["size_label"], entry["dtype"], f"n/a: {skips.pop()}"])
+                continue
             first = True
             for name, r in entry["impls"].items():
                 lead = [entry["size_label"], entry["dtype"]] if first else ["", ""]
