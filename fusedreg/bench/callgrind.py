@@ -273,7 +273,10 @@ def _build_helper(workdir: str) -> str:
 
 
 def _child_env() -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONHASHSEED="0")
+    # the child imports this very fusedreg, wherever it came from (a checkout on sys.path, site-packages)
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONHASHSEED="0", PYTHONPATH=path)
     env.setdefault("FUSEDREG_CPU_CAPABILITY", "avx2")
     env.setdefault("ATEN_CPU_CAPABILITY", "avx2")
     return env
@@ -297,7 +300,7 @@ def count(ops: Sequence[str] | None = None, dtypes=None, quick: bool = False, *,
     plan = plan_cases(ops, dtypes, quick) if plan is None else plan
     if _build.unbuildable_reason("cpu") is None:
         _build.load_library("cpu")  # built here if need be: a build under valgrind would take ages
-    started = time.monotonic()
+    started, load_start = time.monotonic(), _load_average()
     with tempfile.TemporaryDirectory(prefix="fusedreg-callgrind-") as scratch:
         workdir = keep or scratch
         os.makedirs(workdir, exist_ok=True)
@@ -322,8 +325,16 @@ def count(ops: Sequence[str] | None = None, dtypes=None, quick: bool = False, *,
             crash = f"the valgrind child exited with status {proc.returncode}:\n" + "\n".join(tail)
     doc = _document(plan, records, dumps, crash)
     doc.update(machine=machine_info("cpu"), valgrind=_valgrind_version(valgrind),
-               command=" ".join(cmd[:5] + ["python ..."]), elapsed_s=round(time.monotonic() - started, 1))
+               command=" ".join(cmd[:5] + ["python ..."]), elapsed_s=round(time.monotonic() - started, 1),
+               load_average={"start": load_start, "end": _load_average()})
     return doc
+
+
+def _load_average() -> float | None:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
 
 
 def _document(plan: list[dict], records: list[dict], dumps: dict[str, int], crash: str | None) -> dict:

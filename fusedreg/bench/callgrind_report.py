@@ -39,6 +39,10 @@ def format_table(doc: dict) -> str:
            "clip's gradients, BatchNorm's input)",
            "ratio = baseline instructions / subject instructions (> 1: fusedreg executes fewer); "
            "instructions, not time: memory stalls and slow instructions do not show"]
+    load = doc.get("load_average") or {}
+    if doc.get("elapsed_s") is not None and load.get("start") is not None:
+        out.append(f"counted in {doc['elapsed_s']:.0f} s, 1-min load average {load['start']:g} before and "
+                   f"{load['end']:g} after (the load changes the run time, not the counts)")
     for key, entries in groupby(doc["results"], key=lambda e: f"{e['op']}/{e['case']}"):
         rows = [["size", "dtype", "implementation", "instr/call", "instr/elem", "ratio"]]
         for entry in entries:
