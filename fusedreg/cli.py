@@ -283,7 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--count-instructions", action="store_true",
                        help="no timing: instructions per call of fusedreg[cpu] and the torch baselines under "
                             "valgrind's callgrind (one thread, AVX2), load-independent; with --quick the "
-                            "smallest size of each case only")
+                            "smallest size of each case only; table and JSON default to "
+                            "bench-out/callgrind-cpu.txt / .json")
     bench.set_defaults(bench_parser=bench)  # so bench's errors print bench's usage
     return parser
 
