@@ -177,6 +177,10 @@ def _cmd_bench(args, parser: argparse.ArgumentParser) -> int:
         from fusedreg.bench import static_sass
 
         return static_sass.main(args.json, args.dtype)
+    if args.count_instructions:  # no timing: instructions per call under valgrind's callgrind
+        from fusedreg.bench import callgrind_report
+
+        return callgrind_report.main(args, parser)
 
     import torch
 
@@ -276,6 +280,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="no timing: registers, spills, 128-bit access and SASS instructions per element "
                             "of the CUDA kernels (sm_90, via cuobjdump) against the H200 issue budget; "
                             "--json PATH also writes PATH's .md table")
+    bench.add_argument("--count-instructions", action="store_true",
+                       help="no timing: instructions per call of fusedreg[cpu] and the torch baselines under "
+                            "valgrind's callgrind (one thread, AVX2), load-independent; with --quick the "
+                            "smallest size of each case only; table and JSON default to "
+                            "bench-out/callgrind-cpu.txt / .json")
     bench.set_defaults(bench_parser=bench)  # so bench's errors print bench's usage
     return parser
 

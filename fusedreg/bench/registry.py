@@ -49,7 +49,8 @@ __all__ = ["Case", "Impl", "Skip", "register", "register_case", "cases", "known_
 DEVICES = ("cuda", "cpu")
 
 # Modules of this package that make up the harness itself; every other module is an op module.
-_HARNESS_MODULES = {"registry", "harness", "timing", "report", "plot", "machine"}
+_HARNESS_MODULES = {"registry", "harness", "timing", "report", "plot", "machine", "callgrind",
+                    "callgrind_report"}
 
 # Op modules imported first, in this order (the order of the table); others follow alphabetically.
 _PREFERRED_ORDER = ("copy", "dropout", "adamw", "clip", "batch_norm")
