@@ -10,10 +10,10 @@
 // (csrc/common/philox_simd.h) leaves the 128 keep bits in two general registers and each 16-bit
 // slice is the mask of a zero-masking multiply, so no mask is stored and a block's loads and
 // stores overlap the next block's rounds (dropout: dropout_fused_avx512, bf16 converted by
-// AVX512_BF16 where the CPU has it; dropout_add: dropout_add_avx512). Other dtypes and the AVX2 /
-// scalar levels take chunks of 1024 elements: first the chunk's keep bits into a 128-byte buffer
-// (dropout_keep_bits), then one pass applying them (masked multiplies for float32 and bfloat16
-// under AVX2, a scalar loop otherwise). Mask generation, ten Philox rounds per 4 elements, bounds
+// AVX512_BF16 where the CPU has it; dropout_add: dropout_add_avx512; all in dropout_cpu_avx512.h).
+// Other dtypes and the AVX2 / scalar levels take chunks of 1024 elements: first the chunk's keep
+// bits into a 128-byte buffer (dropout_keep_bits), then one pass applying them (masked multiplies
+// for float32 and bfloat16 under AVX2, a scalar loop otherwise). Mask generation, ten Philox rounds per 4 elements, bounds
 // dropout on one core: about 0.3 ns per element on a Zen 4 core, against about 0.1 for the memory
 // traffic of a cached fp32 multiply.
 #include <ATen/Parallel.h>
@@ -28,14 +28,14 @@
 #include "common/philox.h"
 #include "common/philox_simd.h"
 #include "dropout.h"
+#include "dropout_cpu_avx512.h"
 
 namespace fusedreg {
 namespace {
 
-// Threads take whole blocks of 32 groups (128 elements: 512 bytes of float32, whole cache lines
-// for every dtype), at least kBlocksPerTask of them.
-constexpr int64_t kBlockGroups = 32;
-constexpr int64_t kBlockElems = kBlockGroups * kDropoutElemsPerGroup;
+using namespace dropout_cpu;  // kBlockElems and the AVX-512 loops
+
+// Threads take at least kBlocksPerTask blocks.
 constexpr int64_t kBlocksPerTask = 32;
 constexpr int64_t kChunkBlocks = 8;  // chunk of the two-pass loop: 1024 elements; their keep bits: 16 words
 constexpr int64_t kChunkWords = kChunkBlocks * kBlockElems / 64;
@@ -52,181 +52,6 @@ void apply_scalar(const scalar_t* x, scalar_t* out, int64_t count, const uint64_
 }
 
 #if FUSEDREG_X86_SIMD
-
-#define FUSEDREG_TARGET_AVX512BF16 \
-  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,bmi,bmi2,popcnt")))
-
-// AVX512_BF16 on top of the AVX-512 level (Zen 4, Cooper Lake, Sapphire Rapids and later).
-bool cpu_has_avx512bf16() {
-  static const bool has = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512bf16") != 0;
-  }();
-  return has;
-}
-
-// One register of 16 elements for the fused AVX-512 loop: float32 as is, bfloat16 widened on load and
-// rounded back on store exactly as c10 does (csrc/common/cpu_vec.h).
-struct F32x16 {
-  using elem = float;
-  static FUSEDREG_ALWAYS_INLINE float to_float(float v) { return v; }
-  FUSEDREG_TARGET_AVX512 static FUSEDREG_ALWAYS_INLINE __m512 load(const float* p) { return _mm512_loadu_ps(p); }
-  FUSEDREG_TARGET_AVX512 static FUSEDREG_ALWAYS_INLINE __m512 maskz_load(__mmask16 k, const float* p) {
-    return _mm512_maskz_loadu_ps(k, p);
-  }
-  FUSEDREG_TARGET_AVX512 static FUSEDREG_ALWAYS_INLINE void store(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
-  FUSEDREG_TARGET_AVX512 static FUSEDREG_ALWAYS_INLINE void mask_store(float* p, __mmask16 k, __m512 v) {
-    _mm512_mask_storeu_ps(p, k, v);
-  }
-};
-
-struct BF16x16 {
-  using elem = uint16_t;
-  static FUSEDREG_ALWAYS_INLINE float to_float(uint16_t v) { return cpu_vec::bf16_bits_to_float(v); }
-  FUSEDREG_TARGET_AVX512 static FUSEDREG_ALWAYS_INLINE __m512 load(const uint16_t* p) {
-    return cpu_vec::load_bf16x16(p);
-  }
-  FUSEDREG_TARGET_AVX512 static FUSEDREG_ALWAYS_INLINE __m512 maskz_load(__mmask16 k, const uint16_t* p) {
-    return cpu_vec::maskz_load_bf16x16(k, p);
-  }
-  FUSEDREG_TARGET_AVX512 static FUSEDREG_ALWAYS_INLINE void store(uint16_t* p, __m512 v) {
-    cpu_vec::store_bf16x16(p, v);
-  }
-  FUSEDREG_TARGET_AVX512 static FUSEDREG_ALWAYS_INLINE void mask_store(uint16_t* p, __mmask16 k, __m512 v) {
-    cpu_vec::mask_store_bf16x16(p, k, v);
-  }
-};
-
-// Elements [begin, end) (begin a multiple of kBlockElems): per block of 32 groups, the keep bits
-// stay in two general registers (keep_words32_avx512) and each 16-bit slice of them is the mask of
-// one zero-masking multiply, so a dropped element is 0 whatever its value and a kept one is x *
-// scale rounded once. Generating and applying in one loop lets the loads and stores of a block
-// overlap the next block's Philox rounds.
-template <typename V>
-FUSEDREG_TARGET_AVX512 void dropout_fused_avx512(const PhiloxKeys& keys, uint32_t threshold, float scale,
-                                                 const typename V::elem* x, typename V::elem* out, int64_t begin,
-                                                 int64_t end) {
-  const __m512 s = _mm512_set1_ps(scale);
-  for (int64_t e = begin; e < end; e += kBlockElems) {
-    const philox_simd::KeepWords32 k =
-        philox_simd::keep_words32_avx512(keys, static_cast<uint64_t>(e / kDropoutElemsPerGroup), threshold);
-    if (end - e >= kBlockElems) {
-#pragma GCC unroll 8
-      for (int q = 0; q < 8; ++q) {
-        const __mmask16 keep = static_cast<__mmask16>(k.w[q / 4] >> (16 * (q % 4)));
-        V::store(out + e + 16 * q, _mm512_maskz_mul_ps(keep, V::load(x + e + 16 * q), s));
-      }
-    } else {
-      for (int q = 0; 16 * q < end - e; ++q) {
-        const int64_t rest = end - e - 16 * q;
-        const __mmask16 live = rest >= 16 ? __mmask16{0xFFFF} : static_cast<__mmask16>((1u << rest) - 1u);
-        const __mmask16 keep = static_cast<__mmask16>(k.w[q / 4] >> (16 * (q % 4)));
-        V::mask_store(out + e + 16 * q, live, _mm512_maskz_mul_ps(keep, V::maskz_load(live, x + e + 16 * q), s));
-      }
-    }
-  }
-}
-
-// The bias of the next `count` (<= 16) elements as floats, cursor moved past them: one load when
-// the bias is contiguous in memory order and does not wrap inside the 16, else element by element.
-template <typename V>
-FUSEDREG_TARGET_AVX512 FUSEDREG_ALWAYS_INLINE __m512 next_bias16(const typename V::elem* bias,
-                                                                BiasCursor<int64_t>& cursor, int64_t stride,
-                                                                int64_t size, int64_t count) {
-  if (stride == 1 && count == 16 && cursor.b + 16 <= size) {
-    const __m512 v = V::load(bias + cursor.b);
-    cursor.b = cursor.b + 16 == size ? 0 : cursor.b + 16;
-    return v;
-  }
-  alignas(64) float values[16] = {};
-  for (int64_t j = 0; j < count; ++j) {
-    values[j] = V::to_float(bias[cursor.b]);
-    cursor.next(stride, size);
-  }
-  return _mm512_load_ps(values);
-}
-
-// dropout_add for elements [begin, end) (begin a multiple of kBlockElems): out = residual +
-// (keep ? (x + bias) * scale : 0) with the same fp32 additions and multiply, each rounded once,
-// as the scalar loop (no fused multiply-add), and the keep bits straight from registers.
-template <typename V>
-FUSEDREG_TARGET_AVX512 void dropout_add_avx512(const PhiloxKeys& keys, uint32_t threshold, bool drop_all,
-                                               float scale, const DropoutOperands& ops,
-                                               const typename V::elem* x, const typename V::elem* residual,
-                                               const typename V::elem* bias, typename V::elem* out,
-                                               int64_t begin, int64_t end) {
-  const __m512 s = _mm512_set1_ps(scale);
-  auto cursor = BiasCursor<int64_t>::at(begin, ops.bias_stride, ops.bias_size);
-  for (int64_t e = begin; e < end; e += kBlockElems) {
-    const philox_simd::KeepWords32 k =
-        drop_all ? philox_simd::KeepWords32{{0, 0}}
-                 : philox_simd::keep_words32_avx512(keys, static_cast<uint64_t>(e / kDropoutElemsPerGroup),
-                                                    threshold);
-    for (int q = 0; q < 8 && e + 16 * q < end; ++q) {
-      const int64_t j = e + 16 * q, count = std::min<int64_t>(16, end - j);
-      const __mmask16 live = count == 16 ? __mmask16{0xFFFF} : static_cast<__mmask16>((1u << count) - 1u);
-      const __mmask16 keep = static_cast<__mmask16>(k.w[q / 4] >> (16 * (q % 4)));
-      __m512 v = V::maskz_load(live, x + j);
-      if (bias) v = _mm512_add_ps(v, next_bias16<V>(bias, cursor, ops.bias_stride, ops.bias_size, count));
-      const __m512 o = _mm512_add_ps(V::maskz_load(live, residual + j), _mm512_maskz_mul_ps(keep, v, s));
-      V::mask_store(out + j, live, o);
-    }
-  }
-}
-
-// c10's bfloat16 rounding (as cpu_vec::to_bf16x16), each result in the low half of its 32-bit lane.
-FUSEDREG_TARGET_AVX512 FUSEDREG_ALWAYS_INLINE __m512i bf16_exact_low_halves(__m512 f) {
-  const __m512i u = _mm512_castps_si512(f);
-  const __m512i bias = _mm512_add_epi32(_mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1)),
-                                        _mm512_set1_epi32(0x7FFF));
-  const __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, bias), 16);
-  return _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(f, f, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
-}
-
-// The AVX512_BF16 variant of dropout_fused_avx512<BF16x16> for whole blocks. vcvtne2ps2bf16
-// rounds to nearest even like c10 for normal numbers, infinities and zeros, but flushes
-// denormals to zero and keeps NaN payloads, so a 32-element slice whose products hold a NaN or a
-// denormal is rounded by c10's formula instead (vfpclassps finds them; random data almost never
-// takes that path). Loads widen with unpack{lo,hi}_epi16, whose lane order packus_epi32 undoes on
-// the exact path and one vpermw on the fast path; the keep masks follow by pext. Per 32 elements
-// this is about 10 vector instructions instead of about 20, and the vector pipes are what the
-// Philox rounds are short of.
-FUSEDREG_TARGET_AVX512BF16 void dropout_bf16_avx512bf16(const PhiloxKeys& keys, uint32_t threshold, float scale,
-                                                        const uint16_t* x, uint16_t* out, int64_t begin,
-                                                        int64_t end) {
-  const __m512 s = _mm512_set1_ps(scale);
-  const __m512i zero = _mm512_setzero_si512();
-  // cvtne2ps2bf16(hi, lo) holds lo's 16 results, then hi's; lane i of each came from elements
-  // 8 * (i / 4) + i % 4 (lo) and that + 4 (hi).
-  alignas(64) static constexpr uint16_t kToMemoryOrder[32] = {0,  1,  2,  3,  16, 17, 18, 19, 4,  5,  6,
-                                                               7,  20, 21, 22, 23, 8,  9,  10, 11, 24, 25,
-                                                               26, 27, 12, 13, 14, 15, 28, 29, 30, 31};
-  const __m512i to_memory_order = _mm512_load_si512(kToMemoryOrder);
-  int64_t e = begin;
-  for (; end - e >= kBlockElems; e += kBlockElems) {
-    const philox_simd::KeepWords32 k =
-        philox_simd::keep_words32_avx512(keys, static_cast<uint64_t>(e / kDropoutElemsPerGroup), threshold);
-#pragma GCC unroll 4
-    for (int q = 0; q < 4; ++q) {
-      const uint32_t keep = static_cast<uint32_t>(k.w[q / 2] >> (32 * (q % 2)));
-      const __m512i v = _mm512_loadu_si512(x + e + 32 * q);
-      const __m512 lo = _mm512_maskz_mul_ps(static_cast<__mmask16>(_pext_u32(keep, 0x0F0F0F0Fu)),
-                                            _mm512_castsi512_ps(_mm512_unpacklo_epi16(zero, v)), s);
-      const __m512 hi = _mm512_maskz_mul_ps(static_cast<__mmask16>(_pext_u32(keep, 0xF0F0F0F0u)),
-                                            _mm512_castsi512_ps(_mm512_unpackhi_epi16(zero, v)), s);
-      constexpr int kNanOrDenormal = 0x01 | 0x80 | 0x20;  // QNaN, SNaN, denormal
-      __m512i r;
-      const __mmask16 special = _mm512_fpclass_ps_mask(lo, kNanOrDenormal) | _mm512_fpclass_ps_mask(hi, kNanOrDenormal);
-      if (__builtin_expect(special != 0, 0)) {
-        r = _mm512_packus_epi32(bf16_exact_low_halves(lo), bf16_exact_low_halves(hi));
-      } else {
-        r = _mm512_permutexvar_epi16(to_memory_order, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo)));
-      }
-      _mm512_storeu_si512(out + e + 32 * q, r);
-    }
-  }
-  if (e < end) dropout_fused_avx512<BF16x16>(keys, threshold, scale, x, out, e, end);
-}
 
 // All-ones lanes where bit i of `byte` is set (8 lanes).
 FUSEDREG_TARGET_AVX2 FUSEDREG_ALWAYS_INLINE __m256 lane_mask_avx2(uint32_t byte) {
