@@ -13,9 +13,9 @@
 // AVX512_BF16 where the CPU has it; dropout_add: dropout_add_avx512; all in dropout_cpu_avx512.h).
 // Other dtypes and the AVX2 / scalar levels take chunks of 1024 elements: first the chunk's keep
 // bits into a 128-byte buffer (dropout_keep_bits), then one pass applying them (masked multiplies
-// for float32 and bfloat16 under AVX2, a scalar loop otherwise). Mask generation, ten Philox rounds per 4 elements, bounds
-// dropout on one core: about 0.3 ns per element on a Zen 4 core, against about 0.1 for the memory
-// traffic of a cached fp32 multiply.
+// for float32 and bfloat16 under AVX2, a scalar loop otherwise). Mask generation, ten Philox rounds
+// per 4 elements, bounds dropout on one core: about 0.3 ns per element on a Zen 4 core, against
+// about 0.1 for the memory traffic of a cached fp32 multiply.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
