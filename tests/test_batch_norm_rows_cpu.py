@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from fusedreg.reference import batch_norm as ref_bn
-from test_cpu_isa import LEVELS, _close, cpu_library, level, threads  # noqa: F401  fixtures
+from test_cpu_isa import LEVELS, _close, level, threads  # noqa: F401  fixtures
+
+pytestmark = pytest.mark.usefixtures("cpu_library")
 
 SHAPES = [(70, 135), (33, 64), (5, 200), (300, 17)]
 
