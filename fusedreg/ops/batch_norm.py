@@ -7,9 +7,10 @@ would not record (no_grad, or nothing requiring a gradient) runs the ops directl
 autograd Function's host cost. Backward is one fused op giving grad_input, grad_weight and
 grad_bias (only its reductions, batch_norm_bwd_reduce, when the input needs no gradient). Eval
 mode whose weight and bias need no gradient (frozen BatchNorm when fine-tuning, or affine=False)
-has constant statistics and nothing to reduce: grad_input = dy * invstd * weight is batch_norm_elemt over dy with a zero mean, one elementwise
-pass (read dy, write dx: 2 B/elem in units of itemsize, against 3 for the reductions' path), and
-forward keeps no activation for it, only the [C] vectors.
+has constant statistics and nothing to reduce: grad_input = dy * invstd * weight is
+batch_norm_elemt over dy with a zero mean, one elementwise pass (read dy, write dx: 2 B/elem in
+units of itemsize, against 3 for the reductions' path), and forward keeps no activation for it,
+only the [C] vectors.
 
 Layout: kernels see an input that is non-overlapping and dense (a strided view is copied to
 contiguous first, as torch's own SyncBatchNorm does) and an incoming gradient with exactly the
