@@ -7,10 +7,7 @@
 // (or kept as [C] arrays for rows: a vectorized inner loop over contiguous channels), the loops
 // compiled per instruction-set level (batch_norm_cpu_loops.h; batch_norm_cpu_isa.h picks one). All
 // arithmetic is fp32 (fp64 for double) and the order of every addition depends only on the shape
-// and layout, never on the thread count: results are bitwise reproducible. Training forward and
-// backward on planes layouts with enough channels for every thread (per_channel_passes) instead
-// run one parallel region over channels: a channel's reduction, then its elementwise pass while
-// its slice is still in cache (same sums, same coefficients, same bits).
+// and layout, never on the thread count: results are bitwise reproducible.
 //
 // Trade-off: two passes over the input for the statistics plus one for the output (cache-friendly
 // for the small per-channel slices CPUs see), for the reference's exact two-pass numerics.
@@ -63,37 +60,6 @@ void elementwise(const BatchNormOperands& ops, const Coefs<acc_t<scalar_t>>& co)
   }
 }
 
-// Planes layouts with enough channels for every thread run per channel: its reduction, then its
-// elementwise pass while its slice is still in cache (one parallel region, x and dy read from
-// memory once when a channel's slice fits in L2). The sums are the same calls with the same
-// arguments as the separate passes', so the results are the same bits.
-bool per_channel_passes(const BatchNormLayout& L) {
-  return L.inner > 1 && L.numel() > 0 && L.channels >= 4 * at::get_num_threads();
-}
-
-// Runs body(c) for every channel, in parallel, grain as the separate reductions'.
-template <typename F>
-void for_each_channel(const BatchNormLayout& L, const F& body) {
-  at::parallel_for(0, L.channels, std::max<int64_t>(1, kCpuGrainElems / L.per_channel()),
-                   [&](int64_t c_begin, int64_t c_end) {
-    for (int64_t c = c_begin; c < c_end; ++c) body(c);
-  });
-}
-
-// Channel c's planes through the elementwise pass kPass.
-template <Pass kPass, typename scalar_t>
-void channel_apply(CpuIsa isa, const BatchNormOperands& ops, int64_t c, const Coefs<acc_t<scalar_t>>& co) {
-  const BatchNormLayout& L = ops.layout;
-  const scalar_t* x = kPass != Pass::kBackwardEval ? ops.x.const_data_ptr<scalar_t>() : nullptr;
-  const scalar_t* dy = kPass != Pass::kForward ? ops.dy.const_data_ptr<scalar_t>() : nullptr;
-  scalar_t* out = ops.out.mutable_data_ptr<scalar_t>();
-  for (int64_t o = 0; o < L.outer; ++o) {
-    const int64_t p = o * L.channels + c;
-    bn_cpu::planes_apply<kPass>(isa, x, dy, out, L, p, p + 1, co.m.data(), co.a.data(), co.b.data(),
-                                co.k.data());
-  }
-}
-
 template <typename acc>
 const acc* data_or_null(const at::Tensor& t) {
   return t.defined() ? t.const_data_ptr<acc>() : nullptr;
@@ -138,67 +104,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_fwd_cpu(
     } else if (n == 0) {
       std::fill(mean_p, mean_p + C, acc(0));
       std::fill(invstd_p, invstd_p + C, acc(0));
+    } else {
+      std::vector<acc> m2(C);
+      channel_moments(ops.x.const_data_ptr<scalar_t>(), ops.layout, mean_p, m2.data());
+      const acc keep = static_cast<acc>(1.0 - momentum), mom = static_cast<acc>(momentum);
+      acc* rm = rmean.defined() ? rmean.work.mutable_data_ptr<acc>() : nullptr;
+      acc* rv = rvar.defined() ? rvar.work.mutable_data_ptr<acc>() : nullptr;
+      for (int64_t c = 0; c < C; ++c) {
+        invstd_p[c] = acc(1) / std::sqrt(m2[c] / static_cast<acc>(n) + static_cast<acc>(eps));
+        if (rm) rm[c] = keep * rm[c] + mom * mean_p[c];
+        if (rv) rv[c] = keep * rv[c] + mom * (m2[c] / static_cast<acc>(n - 1));
+      }
     }
-    const acc keep = static_cast<acc>(1.0 - momentum), mom = static_cast<acc>(momentum);
-    acc* rm = training && rmean.defined() ? rmean.work.mutable_data_ptr<acc>() : nullptr;
-    acc* rv = training && rvar.defined() ? rvar.work.mutable_data_ptr<acc>() : nullptr;
+    Coefs<acc> co(C);
     const acc* w_p = data_or_null<acc>(w);
     const acc* b_p = data_or_null<acc>(b);
-    Coefs<acc> co(C);
-    // channel c's invstd, running statistics and coefficients from its mean and m2
-    auto finish_channel = [&](int64_t c, acc m2) {
-      invstd_p[c] = acc(1) / std::sqrt(m2 / static_cast<acc>(n) + static_cast<acc>(eps));
-      if (rm) rm[c] = keep * rm[c] + mom * mean_p[c];
-      if (rv) rv[c] = keep * rv[c] + mom * (m2 / static_cast<acc>(n - 1));
-    };
-    auto channel_coefs = [&](int64_t c) {
+    for (int64_t c = 0; c < C; ++c) {
       co.m[c] = mean_p[c];
       co.a[c] = w_p ? invstd_p[c] * w_p[c] : invstd_p[c];
       co.b[c] = b_p ? b_p[c] : acc(0);
-    };
-    if (training && n > 0 && per_channel_passes(ops.layout)) {
-      const scalar_t* x = ops.x.const_data_ptr<scalar_t>();
-      const CpuIsa isa = cpu_isa();
-      std::vector<acc> shift(C), m2(C);
-      for_each_channel(ops.layout, [&](int64_t c) {
-        using bn_cpu::Term;
-        shift[c] = static_cast<acc>(x[c * ops.layout.inner]);  // as channel_moments: (o, s) = 0
-        acc* sums[1] = {mean_p};
-        bn_cpu::channels_sum<Term::kShifted>(isa, x, static_cast<const scalar_t*>(nullptr), ops.layout, c, c + 1,
-                                             shift.data(), sums);
-        mean_p[c] = shift[c] + mean_p[c] / static_cast<acc>(n);
-        acc* squares[1] = {m2.data()};
-        bn_cpu::channels_sum<Term::kSquares>(isa, x, static_cast<const scalar_t*>(nullptr), ops.layout, c,
-                                             c + 1, mean_p, squares);
-        finish_channel(c, m2[c]);
-        channel_coefs(c);
-        channel_apply<Pass::kForward, scalar_t>(isa, ops, c, co);
-      });
-    } else {
-      if (training && n > 0) {
-        std::vector<acc> m2(C);
-        channel_moments(ops.x.const_data_ptr<scalar_t>(), ops.layout, mean_p, m2.data());
-        for (int64_t c = 0; c < C; ++c) finish_channel(c, m2[c]);
-      }
-      for (int64_t c = 0; c < C; ++c) channel_coefs(c);
-      elementwise<Pass::kForward, scalar_t>(ops, co);
     }
+    elementwise<Pass::kForward, scalar_t>(ops, co);
   });
   rmean.write_back();
   rvar.write_back();
   return {ops.out, mean, invstd};
-}
-
-// Channel c's coefficients of the grad_input pass (kBackward in training, kBackwardEval in eval).
-template <typename acc>
-void grad_input_coefs(Coefs<acc>& co, int64_t c, const acc* w_p, const acc* mean, const acc* invstd,
-                      const acc* mean_dy, const acc* mean_dy_xmu, bool training) {
-  co.m[c] = mean[c];
-  co.a[c] = w_p ? invstd[c] * w_p[c] : invstd[c];
-  if (training) {
-    co.b[c] = mean_dy[c];
-    co.k[c] = invstd[c] * invstd[c] * mean_dy_xmu[c];
-  }
 }
 
 // dx from the per-channel sums: (dy - mean_dy - (x - mean) * invstd^2 * mean_dy_xmu) * invstd * w
@@ -211,7 +141,14 @@ void grad_input_pass(const BatchNormOperands& ops, const at::Tensor& w, const ac
   const int64_t C = ops.layout.channels;
   const acc* w_p = data_or_null<acc>(w);
   Coefs<acc> co(C);
-  for (int64_t c = 0; c < C; ++c) grad_input_coefs(co, c, w_p, mean, invstd, mean_dy, mean_dy_xmu, training);
+  for (int64_t c = 0; c < C; ++c) {
+    co.m[c] = mean[c];
+    co.a[c] = w_p ? invstd[c] * w_p[c] : invstd[c];
+    if (training) {
+      co.b[c] = mean_dy[c];
+      co.k[c] = invstd[c] * invstd[c] * mean_dy_xmu[c];
+    }
+  }
   if (training) {
     elementwise<Pass::kBackward, scalar_t>(ops, co);
   } else {
@@ -243,41 +180,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_bwd_cpu(
     const acc* invstd_p = is.const_data_ptr<acc>();
     acc* gw = grad_weight.mutable_data_ptr<acc>();
     acc* gb = grad_bias.mutable_data_ptr<acc>();
+    channel_grad_sums(ops.dy.const_data_ptr<scalar_t>(), ops.x.const_data_ptr<scalar_t>(), ops.layout,
+                      mean_p, gb, gw);  // gw holds sum(dy * (x - mean)) until scaled below
     const int64_t n = ops.layout.per_channel();
-    // channel c's coefficients of grad_input_pass, from its sums (gw: sum(dy * (x - mean)) until
-    // scaled here)
     std::vector<acc> mean_dy(C, acc(0)), mean_dy_xmu(C, acc(0));
-    auto finish_channel = [&](int64_t c) {
+    for (int64_t c = 0; c < C; ++c) {
       if (n > 0) {
         mean_dy[c] = gb[c] / static_cast<acc>(n);
         mean_dy_xmu[c] = gw[c] / static_cast<acc>(n);
       }
       gw[c] *= invstd_p[c];
-    };
-    if (per_channel_passes(ops.layout)) {
-      const scalar_t* x = ops.x.const_data_ptr<scalar_t>();
-      const scalar_t* dy = ops.dy.const_data_ptr<scalar_t>();
-      const acc* w_p = data_or_null<acc>(w);
-      const CpuIsa isa = cpu_isa();
-      Coefs<acc> co(C);
-      for_each_channel(ops.layout, [&](int64_t c) {
-        acc* sums[2] = {gb, gw};
-        bn_cpu::channels_sum<bn_cpu::Term::kGrad>(isa, x, dy, ops.layout, c, c + 1, mean_p, sums);
-        finish_channel(c);
-        grad_input_coefs(co, c, w_p, mean_p, invstd_p, mean_dy.data(), mean_dy_xmu.data(), training);
-        if (training) {
-          channel_apply<Pass::kBackward, scalar_t>(isa, ops, c, co);
-        } else {
-          channel_apply<Pass::kBackwardEval, scalar_t>(isa, ops, c, co);
-        }
-      });
-    } else {
-      channel_grad_sums(ops.dy.const_data_ptr<scalar_t>(), ops.x.const_data_ptr<scalar_t>(), ops.layout,
-                        mean_p, gb, gw);
-      for (int64_t c = 0; c < C; ++c) finish_channel(c);
-      grad_input_pass<scalar_t>(ops, w, mean_p, invstd_p, mean_dy.data(), mean_dy_xmu.data(),
-                                training && n > 0);
     }
+    grad_input_pass<scalar_t>(ops, w, mean_p, invstd_p, mean_dy.data(), mean_dy_xmu.data(),
+                              training && n > 0);
   });
   return {ops.out, grad_weight, grad_bias};
 }
