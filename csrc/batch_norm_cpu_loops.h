@@ -256,13 +256,19 @@ FUSEDREG_ALWAYS_INLINE void rows_sum_tile(const scalar_t* x, const scalar_t* dy,
 }
 
 constexpr int kTileVecs = 4;        // vectors of columns per register tile
-constexpr int64_t kRowGroup = 8;    // rows per register tile: 8 x C values, an L1-sized window
+constexpr int64_t kRowGroup = 8;    // rows per register tile
 
 // Rows [r0, r1) of a [rows, C] matrix added into part (K arrays of C): part[k][c] += term, each
-// column's terms added in row order. In groups of kRowGroup rows; inside a group, tiles of
-// kTileVecs vectors of columns accumulate down the group's rows in registers, then single vectors,
-// then the last C % kPer columns element by element. The rows are walked together (kRowGroup
-// ascending streams the hardware prefetcher follows); part, K x C accumulators, stays in L1.
+// column's terms added in row order; part, K x C accumulators, stays in L1. Two walks, the same
+// additions in the same order:
+// - narrow rows (at most 2 tiles of kTileVecs vectors): groups of kRowGroup rows, each tile of
+//   columns accumulating down the group in registers (one load and store of part per group, not
+//   per row: with a few vectors per row, that store-to-load round trip was the critical path);
+//   the group is contiguous memory, read in order;
+// - wider rows: row by row, whole vectors of columns through part (enough independent columns
+//   between two updates of one to hide the round trip), so memory is one forward stream that the
+//   hardware prefetcher follows (a tile walk down a group would jump between rows).
+// The last C % kPer columns go element by element in both.
 template <int kBytes, Term kTerm, typename scalar_t>
 FUSEDREG_ALWAYS_INLINE void rows_sum_loop(const scalar_t* x, const scalar_t* dy, int64_t C, int64_t r0, int64_t r1,
                                           const acc_t<scalar_t>* m, acc_t<scalar_t>* part) {
@@ -271,9 +277,11 @@ FUSEDREG_ALWAYS_INLINE void rows_sum_loop(const scalar_t* x, const scalar_t* dy,
   acc* p0 = part;
   acc* p1 = part + C;
   const int64_t c_vec = C / kPer * kPer;
-  const int64_t c_tiles = C / (kTileVecs * kPer) * (kTileVecs * kPer);
-  for (int64_t rg = r0; rg < r1; rg += kRowGroup) {
-    const int64_t rg_end = rg + kRowGroup < r1 ? rg + kRowGroup : r1;
+  const bool narrow = C <= 2 * kTileVecs * kPer;
+  const int64_t c_tiles = narrow ? C / (kTileVecs * kPer) * (kTileVecs * kPer) : 0;
+  const int64_t group = narrow ? kRowGroup : 1;
+  for (int64_t rg = r0; rg < r1; rg += group) {
+    const int64_t rg_end = rg + group < r1 ? rg + group : r1;
     int64_t c = 0;
     for (; c < c_tiles; c += kTileVecs * kPer) {
       rows_sum_tile<kBytes, kTerm, kTileVecs>(x, dy, C, rg, rg_end, c, m, p0, p1);
