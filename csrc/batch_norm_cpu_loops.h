@@ -257,6 +257,7 @@ FUSEDREG_ALWAYS_INLINE void rows_sum_tile(const scalar_t* x, const scalar_t* dy,
 
 constexpr int kTileVecs = 4;        // vectors of columns per register tile
 constexpr int64_t kRowGroup = 8;    // rows per register tile
+constexpr int64_t kWideRowGroup = 4;  // rows per single-vector step of wide rows
 
 // Rows [r0, r1) of a [rows, C] matrix added into part (K arrays of C): part[k][c] += term, each
 // column's terms added in row order; part, K x C accumulators, stays in L1. Two walks, the same
@@ -265,9 +266,9 @@ constexpr int64_t kRowGroup = 8;    // rows per register tile
 //   columns accumulating down the group in registers (one load and store of part per group, not
 //   per row: with a few vectors per row, that store-to-load round trip was the critical path);
 //   the group is contiguous memory, read in order;
-// - wider rows: row by row, whole vectors of columns through part (enough independent columns
-//   between two updates of one to hide the round trip), so memory is one forward stream that the
-//   hardware prefetcher follows (a tile walk down a group would jump between rows).
+// - wider rows: groups of kWideRowGroup rows walked one vector of columns at a time (part loaded
+//   and stored once per group), so memory is kWideRowGroup forward streams advancing a vector at
+//   a time, which the hardware prefetcher follows (a tile walk down 8 rows jumped between rows).
 // The last C % kPer columns go element by element in both.
 template <int kBytes, Term kTerm, typename scalar_t>
 FUSEDREG_ALWAYS_INLINE void rows_sum_loop(const scalar_t* x, const scalar_t* dy, int64_t C, int64_t r0, int64_t r1,
@@ -279,7 +280,7 @@ FUSEDREG_ALWAYS_INLINE void rows_sum_loop(const scalar_t* x, const scalar_t* dy,
   const int64_t c_vec = C / kPer * kPer;
   const bool narrow = C <= 2 * kTileVecs * kPer;
   const int64_t c_tiles = narrow ? C / (kTileVecs * kPer) * (kTileVecs * kPer) : 0;
-  const int64_t group = narrow ? kRowGroup : 1;
+  const int64_t group = narrow ? kRowGroup : kWideRowGroup;
   for (int64_t rg = r0; rg < r1; rg += group) {
     const int64_t rg_end = rg + group < r1 ? rg + group : r1;
     int64_t c = 0;
