@@ -220,52 +220,91 @@ FUSEDREG_ALWAYS_INLINE void channel_sum(const scalar_t* x, const scalar_t* dy, c
   if constexpr (K == 2) out[1] = l1[0];
 }
 
+// Rows [r, r_end) of columns [c, c + kVecs * kPer) added into p0 (and p1 for kGrad), the
+// accumulators and m held in registers across the rows: one load and store of them per row group
+// instead of per row (their store-to-load round trip per row was the loop's critical path).
+template <int kBytes, Term kTerm, int kVecs, typename scalar_t>
+FUSEDREG_ALWAYS_INLINE void rows_sum_tile(const scalar_t* x, const scalar_t* dy, int64_t C, int64_t r,
+                                          int64_t r_end, int64_t c, const acc_t<scalar_t>* m,
+                                          acc_t<scalar_t>* p0, acc_t<scalar_t>* p1) {
+  using V = typename Lanes<acc_t<scalar_t>, kBytes>::type;
+  constexpr int kPer = Lanes<acc_t<scalar_t>, kBytes>::kPer;
+  V mv[kVecs], s0[kVecs], s1[kVecs];
+  for (int t = 0; t < kVecs; ++t) {
+    std::memcpy(&mv[t], m + c + t * kPer, sizeof(V));
+    std::memcpy(&s0[t], p0 + c + t * kPer, sizeof(V));
+    if constexpr (kTerm == Term::kGrad) std::memcpy(&s1[t], p1 + c + t * kPer, sizeof(V));
+  }
+  for (; r < r_end; ++r) {
+    for (int t = 0; t < kVecs; ++t) {
+      const V v = load_vec<kBytes>(x + r * C + c + t * kPer) - mv[t];
+      if constexpr (kTerm == Term::kShifted) {
+        s0[t] += v;
+      } else if constexpr (kTerm == Term::kSquares) {
+        s0[t] += v * v;
+      } else {
+        const V g = load_vec<kBytes>(dy + r * C + c + t * kPer);
+        s0[t] += g;
+        s1[t] += g * v;
+      }
+    }
+  }
+  for (int t = 0; t < kVecs; ++t) {
+    std::memcpy(p0 + c + t * kPer, &s0[t], sizeof(V));
+    if constexpr (kTerm == Term::kGrad) std::memcpy(p1 + c + t * kPer, &s1[t], sizeof(V));
+  }
+}
+
+constexpr int kTileVecs = 4;        // vectors of columns per register tile
+constexpr int64_t kRowGroup = 8;    // rows per register tile
+constexpr int64_t kWideRowGroup = 4;  // rows per single-vector step of wide rows
+
 // Rows [r0, r1) of a [rows, C] matrix added into part (K arrays of C): part[k][c] += term, each
-// column's terms added in row order. Row by row, the columns inside (a contiguous stream the
-// hardware prefetcher follows; part, K x C accumulators, stays in L1), whole vectors of kPer
-// columns first, the last C % kPer columns element by element.
+// column's terms added in row order; part, K x C accumulators, stays in L1. Two walks, the same
+// additions in the same order:
+// - narrow rows (at most 2 tiles of kTileVecs vectors): groups of kRowGroup rows, each tile of
+//   columns accumulating down the group in registers (one load and store of part per group, not
+//   per row: with a few vectors per row, that store-to-load round trip was the critical path);
+//   the group is contiguous memory, read in order;
+// - wider rows: groups of kWideRowGroup rows walked one vector of columns at a time (part loaded
+//   and stored once per group), so memory is kWideRowGroup forward streams advancing a vector at
+//   a time, which the hardware prefetcher follows (a tile walk down 8 rows jumped between rows).
+// The last C % kPer columns go element by element in both.
 template <int kBytes, Term kTerm, typename scalar_t>
 FUSEDREG_ALWAYS_INLINE void rows_sum_loop(const scalar_t* x, const scalar_t* dy, int64_t C, int64_t r0, int64_t r1,
                                           const acc_t<scalar_t>* m, acc_t<scalar_t>* part) {
   using acc = acc_t<scalar_t>;
-  using V = typename Lanes<acc, kBytes>::type;
   constexpr int kPer = Lanes<acc, kBytes>::kPer;
   acc* p0 = part;
   acc* p1 = part + C;
   const int64_t c_vec = C / kPer * kPer;
-  for (int64_t r = r0; r < r1; ++r) {
-    const scalar_t* xr = x + r * C;
-    const scalar_t* gr = kTerm == Term::kGrad ? dy + r * C : nullptr;
-    for (int64_t c = 0; c < c_vec; c += kPer) {
-      V s0, mv;
-      std::memcpy(&s0, p0 + c, sizeof(V));
-      std::memcpy(&mv, m + c, sizeof(V));
-      const V v = load_vec<kBytes>(xr + c) - mv;
-      if constexpr (kTerm == Term::kShifted) {
-        s0 += v;
-      } else if constexpr (kTerm == Term::kSquares) {
-        s0 += v * v;
-      } else {
-        V s1;
-        std::memcpy(&s1, p1 + c, sizeof(V));
-        const V g = load_vec<kBytes>(gr + c);
-        s0 += g;
-        s1 += g * v;
-        std::memcpy(p1 + c, &s1, sizeof(V));
-      }
-      std::memcpy(p0 + c, &s0, sizeof(V));
+  const bool narrow = C <= 2 * kTileVecs * kPer;
+  const int64_t c_tiles = narrow ? C / (kTileVecs * kPer) * (kTileVecs * kPer) : 0;
+  const int64_t group = narrow ? kRowGroup : kWideRowGroup;
+  for (int64_t rg = r0; rg < r1; rg += group) {
+    const int64_t rg_end = rg + group < r1 ? rg + group : r1;
+    int64_t c = 0;
+    for (; c < c_tiles; c += kTileVecs * kPer) {
+      rows_sum_tile<kBytes, kTerm, kTileVecs>(x, dy, C, rg, rg_end, c, m, p0, p1);
     }
-    for (int64_t c = c_vec; c < C; ++c) {
-      const acc v = load(xr, c) - m[c];
-      if constexpr (kTerm == Term::kShifted) {
-        p0[c] += v;
-      } else if constexpr (kTerm == Term::kSquares) {
-        p0[c] += v * v;
-      } else {
-        const acc g = load(gr, c);
-        p0[c] += g;
-        p1[c] += g * v;
+    for (; c < c_vec; c += kPer) rows_sum_tile<kBytes, kTerm, 1>(x, dy, C, rg, rg_end, c, m, p0, p1);
+    for (; c < C; ++c) {
+      acc s0 = p0[c], s1 = acc(0);
+      if constexpr (kTerm == Term::kGrad) s1 = p1[c];
+      for (int64_t r = rg; r < rg_end; ++r) {
+        const acc v = load(x, r * C + c) - m[c];
+        if constexpr (kTerm == Term::kShifted) {
+          s0 += v;
+        } else if constexpr (kTerm == Term::kSquares) {
+          s0 += v * v;
+        } else {
+          const acc g = load(dy, r * C + c);
+          s0 += g;
+          s1 += g * v;
+        }
       }
+      p0[c] = s0;
+      if constexpr (kTerm == Term::kGrad) p1[c] = s1;
     }
   }
 }

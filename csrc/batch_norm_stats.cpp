@@ -10,7 +10,9 @@
 //   each block sums its rows into its own [C] partials (the inner loop runs over contiguous
 //   channels: vectorized), and the partials are then summed pairwise in block order.
 // Statistics are two-pass and shifted: mean = shift + sum(x - shift) / n with shift = the channel's
-// first value, then m2 = sum((x - mean)^2), so neither a large mean nor cancellation hurts. The
+// first value, then m2 = sum((x - mean)^2), so neither a large mean nor cancellation hurts. In the
+// rows layout the two passes run per block of rows while the block is in cache, and the blocks'
+// (sum, m2 about the block's center) are combined exactly (rows_moments): one pass over memory. The
 // order of every addition depends only on the shape and layout, never on the thread count.
 //
 // The loops themselves are compiled per instruction-set level (AVX-512 / AVX2 / SSE2, picked at run
@@ -98,6 +100,62 @@ void reduce_channels(const scalar_t* x, const scalar_t* dy, const BatchNormLayou
   });
 }
 
+// mean and m2 of a rows layout (inner == 1, numel > 0) in one parallel pass over memory. Each
+// block of kRowsPerBlock rows (an L1/L2-sized slice) gets its two-pass statistics while it is in
+// cache: S_b = sum(x - shift), then Q_b = sum((x - c_b)^2) about its own rounded center c_b =
+// shift + S_b / n_b. The blocks are then combined exactly (Chan et al.'s parallel variance with
+// the cross term of an inexact center), in shift coordinates (e_b = c_b - shift, exact, and
+// d = mean - shift): m2 = sum_b Q_b + 2 (e_b - d) T_b + n_b (e_b - d)^2, T_b = S_b - n_b e_b.
+// S = sum_b S_b is added in the order reduce_channels uses, so the mean has the same bits as its.
+template <typename scalar_t>
+void rows_moments(const scalar_t* x, const BatchNormLayout& L, const acc_t<scalar_t>* shift,
+                  acc_t<scalar_t>* mean, acc_t<scalar_t>* m2) {
+  using acc = acc_t<scalar_t>;
+  const CpuIsa isa = cpu_isa();
+  const int64_t C = L.channels, rows = L.outer;
+  const int64_t blocks = (rows + kRowsPerBlock - 1) / kRowsPerBlock;
+  std::vector<acc> partials(blocks * 2 * C, acc(0));  // [block][S_b, then Q_b][c]
+  std::vector<acc> centers(blocks * C);              // c_b
+  at::parallel_for(0, blocks, std::max<int64_t>(1, kCpuGrainElems / (kRowsPerBlock * C)),
+                   [&](int64_t b_begin, int64_t b_end) {
+    for (int64_t b = b_begin; b < b_end; ++b) {
+      const int64_t r0 = b * kRowsPerBlock, r1 = std::min(rows, r0 + kRowsPerBlock);
+      acc* sum = &partials[b * 2 * C];
+      acc* center = &centers[b * C];
+      bn_cpu::rows_sum<Term::kShifted>(isa, x, static_cast<const scalar_t*>(nullptr), C, r0, r1, shift, sum);
+      for (int64_t c = 0; c < C; ++c) center[c] = shift[c] + sum[c] / static_cast<acc>(r1 - r0);
+      bn_cpu::rows_sum<Term::kSquares>(isa, x, static_cast<const scalar_t*>(nullptr), C, r0, r1, center,
+                                       sum + C);
+    }
+  });
+  const acc n = static_cast<acc>(rows);
+  at::parallel_for(0, C, std::max<int64_t>(1, kCpuGrainElems / blocks), [&](int64_t c_begin, int64_t c_end) {
+    const int64_t width = c_end - c_begin;
+    std::vector<acc> total(2 * width), d(width);
+    cascade_columns<2>(partials.data(), C, 0, blocks, c_begin, width, total.data());
+    for (int64_t j = 0; j < width; ++j) d[j] = total[j] / n;
+    std::vector<acc> terms(blocks * 2 * width, acc(0));  // [block][unused, term][j], as partials
+    for (int64_t b = 0; b < blocks; ++b) {
+      const acc nb = static_cast<acc>(std::min(rows, (b + 1) * kRowsPerBlock) - b * kRowsPerBlock);
+      const acc* sum = &partials[b * 2 * C + c_begin];
+      const acc* q = sum + C;
+      const acc* center = &centers[b * C + c_begin];
+      acc* term = &terms[(b * 2 + 1) * width];
+      for (int64_t j = 0; j < width; ++j) {
+        const acc e = center[j] - shift[c_begin + j];
+        const acc t = sum[j] - nb * e;
+        const acc g = e - d[j];
+        term[j] = q[j] + (acc(2) * g * t + nb * g * g);
+      }
+    }
+    cascade_columns<2>(terms.data(), width, 0, blocks, 0, width, total.data());
+    for (int64_t j = 0; j < width; ++j) {
+      mean[c_begin + j] = shift[c_begin + j] + d[j];
+      m2[c_begin + j] = total[width + j];
+    }
+  });
+}
+
 }  // namespace
 
 // Contracts: batch_norm.h.
@@ -110,6 +168,10 @@ void channel_moments(const scalar_t* x, const BatchNormLayout& L, acc_t<scalar_t
   std::vector<acc> shift(C, acc(0));
   if (L.numel() > 0) {
     for (int64_t c = 0; c < C; ++c) shift[c] = static_cast<acc>(x[c * L.inner]);  // o = s = 0
+  }
+  if (L.inner == 1 && L.numel() > 0) {
+    rows_moments(x, L, shift.data(), mean, m2);
+    return;
   }
   acc* sums[1] = {mean};
   reduce_channels<Term::kShifted>(x, static_cast<const scalar_t*>(nullptr), L, shift.data(), sums);

@@ -1,15 +1,19 @@
 """The CPU BatchNorm rows layout ((N, C), channels_last) at every instruction-set level: the
-statistics and gradient sums stream row by row into [C] block partials, whole vectors of columns
-first and the last C % vector columns element by element; the block partials are combined with
-the channels as the inner loop, pairwise above 1024 blocks. Checked: vector and element-by-element
-columns give the same bits for the same values, results match the reference (row counts that are
-not multiples of the 64-row block, unaligned data, float32 and float64, more than 1024 blocks),
-and nothing depends on the thread count."""
+statistics and gradient sums go down the rows into [C] block partials (narrow rows in register
+tiles, wider ones a vector of columns at a time), whole vectors of columns first and the last
+C % vector columns element by element; the block partials (for the statistics: each block's sum
+and m2 about its own centre) are combined with the channels as the inner loop, pairwise above
+1024 blocks. Checked: vector and element-by-element columns give the same bits for the same
+values, results match the reference (row counts that are not multiples of the 64-row block,
+unaligned data, float32 and float64, narrow and wide rows, more than 1024 blocks), and nothing
+depends on the thread count."""
 import pytest
 import torch
 
 from fusedreg.reference import batch_norm as ref_bn
-from test_cpu_isa import LEVELS, _close, cpu_library, level, threads  # noqa: F401  fixtures
+from test_cpu_isa import LEVELS, _close, level, threads  # noqa: F401  fixtures
+
+pytestmark = pytest.mark.usefixtures("cpu_library")
 
 SHAPES = [(70, 135), (33, 64), (5, 200), (300, 17)]
 

@@ -2,13 +2,15 @@
 
 Training forward is one fused op (statistics + normalize + affine + running-stat update in place);
 eval forward is one elementwise pass (batch_norm_elemt) with the statistics from the running
-buffers, whose [C]-sized preparation (cast, rsqrt) is negligible next to it. Backward is one fused
-op giving grad_input, grad_weight and grad_bias (only its reductions, batch_norm_bwd_reduce, when
-the input needs no gradient). Eval mode whose weight and bias need no gradient (frozen BatchNorm
-when fine-tuning, or affine=False) has constant statistics and nothing to reduce:
-grad_input = dy * invstd * weight is batch_norm_elemt over dy with a zero mean, one elementwise
-pass (read dy, write dx: 2 B/elem in units of itemsize, against 3 for the reductions' path), and
-forward keeps no activation for it, only the [C] vectors.
+buffers, whose [C]-sized preparation (cast, rsqrt) is negligible next to it. A call that autograd
+would not record (no_grad, or nothing requiring a gradient) runs the ops directly, without the
+autograd Function's host cost. Backward is one fused op giving grad_input, grad_weight and
+grad_bias (only its reductions, batch_norm_bwd_reduce, when the input needs no gradient). Eval
+mode whose weight and bias need no gradient (frozen BatchNorm when fine-tuning, or affine=False)
+has constant statistics and nothing to reduce: grad_input = dy * invstd * weight is
+batch_norm_elemt over dy with a zero mean, one elementwise pass (read dy, write dx: 2 B/elem in
+units of itemsize, against 3 for the reductions' path), and forward keeps no activation for it,
+only the [C] vectors.
 
 Layout: kernels see an input that is non-overlapping and dense (a strided view is copied to
 contiguous first, as torch's own SyncBatchNorm does) and an incoming gradient with exactly the
@@ -68,6 +70,26 @@ def eval_stats(running_mean: torch.Tensor, running_var: torch.Tensor, eps: float
     return running_mean.to(dtype), torch.add(var, eps).sqrt_().reciprocal_()
 
 
+def forward_values(input, weight, bias, running_mean, running_var, training, momentum, eps, backend):
+    """(output, mean, invstd) of the forward of a dense `input` on a resolved backend: the fused
+    training op, or in eval the normalization (batch_norm_elemt) with eval_stats' statistics."""
+    if training:
+        return kernel("batch_norm_fwd", backend, reference)(
+            input, weight, bias, running_mean, running_var, True, float(momentum), float(eps))
+    if running_mean is None or running_var is None:
+        raise RuntimeError("running_mean and running_var must be defined in evaluation mode")
+    mean, invstd = eval_stats(running_mean, running_var, eps, stats_dtype(input))
+    return kernel("batch_norm_elemt", backend, reference)(input, weight, bias, mean, invstd), mean, invstd
+
+
+def needs_grad(input, weight, bias) -> bool:
+    """Whether autograd would record the op: grad mode on and some differentiable input requiring
+    a gradient. When not, the forward runs without the autograd Function (no graph node, no saved
+    tensors: the host cost of an inference call is the kernel's)."""
+    return torch.is_grad_enabled() and (input.requires_grad or (weight is not None and weight.requires_grad)
+                                        or (bias is not None and bias.requires_grad))
+
+
 class BatchNormFunction(torch.autograd.Function):
     """apply(input, weight, bias, running_mean, running_var, training, momentum, eps, backend).
 
@@ -86,14 +108,8 @@ class BatchNormFunction(torch.autograd.Function):
                 backend=None):
         backend = _backend.select(input.device, backend)
         input = dense(input)
-        if training:
-            out, mean, invstd = kernel("batch_norm_fwd", backend, reference)(
-                input, weight, bias, running_mean, running_var, True, float(momentum), float(eps))
-        else:
-            if running_mean is None or running_var is None:
-                raise RuntimeError("running_mean and running_var must be defined in evaluation mode")
-            mean, invstd = eval_stats(running_mean, running_var, eps, stats_dtype(input))
-            out = kernel("batch_norm_elemt", backend, reference)(input, weight, bias, mean, invstd)
+        out, mean, invstd = forward_values(input, weight, bias, running_mean, running_var, training,
+                                           momentum, eps, backend)
         ctx.frozen_eval = not training and not any(ctx.needs_input_grad[1:3])
         if ctx.frozen_eval:
             ctx.save_for_backward(None, weight, None, invstd)
@@ -192,5 +208,8 @@ def batch_norm(input: torch.Tensor, running_mean: torch.Tensor | None, running_v
         num_batches_tracked.add_(1)
     if momentum is None:
         momentum = 1.0 / float(num_batches_tracked) if updates_stats else 0.0
+    if not needs_grad(input, weight, bias):
+        return forward_values(dense(input), weight, bias, running_mean, running_var, bool(training), momentum,
+                              eps, _backend.select(input.device, backend))[0]
     return BatchNormFunction.apply(input, weight, bias, running_mean, running_var, bool(training),
                                    momentum, eps, backend)

@@ -1,0 +1,84 @@
+"""How the CPU BatchNorm walks memory, and what must not change with it:
+- the rows layout's (channels_last, (N, C)) statistics take one pass over memory (two passes per
+  block of rows while it is in cache, blocks combined exactly): as accurate as two passes over the
+  whole channel, also with a large mean and a first value (the shift) far from it;
+- fusedreg.batch_norm with nothing for autograd to record runs without the autograd Function: the
+  same output and running statistics, no graph, and torch.compile still traces it whole."""
+import pytest
+import torch
+
+import fusedreg
+from test_cpu_isa import LEVELS, level  # noqa: F401  fixtures
+
+pytestmark = pytest.mark.usefixtures("cpu_library")
+
+
+def _planes(dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = (torch.randn(3, 12, 9, 11, generator=gen) * 2 + torch.linspace(-3, 3, 12).view(12, 1, 1)).to(dtype)
+    dy = torch.randn(3, 12, 9, 11, generator=gen).to(dtype)
+    return x, dy, torch.rand(12, generator=gen) + 0.5, torch.randn(12, generator=gen)
+
+
+@pytest.mark.parametrize("level", LEVELS, indirect=True)
+@pytest.mark.parametrize("shape,memory_format", [((1000, 5), torch.contiguous_format),
+                                                 ((8, 5, 11, 13), torch.channels_last)], ids=["nc", "nhwc"])
+def test_rows_statistics_with_a_large_mean_and_a_far_first_value(level, shape, memory_format):
+    """1e4 + 0.5 * randn, the first value of each channel 100 standard deviations off: the block
+    centres and the combine must keep float32's two-pass accuracy (a naive one-pass variance loses
+    everything here, and an inexact combine several digits)."""
+    gen = torch.Generator().manual_seed(4)
+    x64 = 1e4 + 0.5 * torch.randn(shape, generator=gen, dtype=torch.float64)
+    x64.view(shape[0], shape[1], -1)[0, :, 0] += 50.0  # element (0, c, 0...): memory's first per channel
+    x = x64.float().contiguous(memory_format=memory_format)
+    assert x.stride(1) == 1  # the rows layout
+    exact = x.double()
+    dims = [0] + list(range(2, len(shape)))
+    out, mean, invstd = torch.ops.fusedreg.batch_norm_fwd(x, None, None, None, None, True, 0.1, 1e-5)
+    torch.testing.assert_close(mean.double(), exact.mean(dims), atol=0, rtol=2 * 2.0 ** -23)
+    var64 = exact.var(dims, unbiased=False)
+    torch.testing.assert_close(invstd.double(), 1 / torch.sqrt(var64 + 1e-5), atol=0, rtol=1e-5)
+    stats_mean, stats_var = torch.ops.fusedreg.batch_norm_stats(x)
+    assert torch.equal(stats_mean, mean)
+    torch.testing.assert_close(stats_var.double(), var64, atol=0, rtol=2e-5)
+
+
+def _call(x, w, b, rm, rv, training):
+    return fusedreg.batch_norm(x, rm, rv, w, b, training, 0.1, 1e-5, backend="cpu")
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+def test_no_autograd_function_when_nothing_is_recorded(training, memory_format):
+    x, _, w, b = _planes(torch.float32, seed=5)
+    x = x.contiguous(memory_format=memory_format)
+    leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+    rm, rv = torch.randn(12), torch.rand(12) + 0.5
+    buffers = [(rm.clone(), rv.clone()) for _ in range(3)]
+    recorded = _call(*leaves, *buffers[0], training)
+    assert recorded.grad_fn is not None
+    with torch.no_grad():
+        no_grad = _call(*leaves, *buffers[1], training)
+    plain = _call(x, w, b, *buffers[2], training)  # grad mode on, nothing requires grad
+    for out in (no_grad, plain):
+        assert out.grad_fn is None and not out.requires_grad
+        assert out.stride() == x.stride()
+        assert torch.equal(out, recorded.detach())
+    for rm_i, rv_i in buffers[1:]:
+        assert torch.equal(rm_i, buffers[0][0]) and torch.equal(rv_i, buffers[0][1])
+    if training:
+        assert not torch.equal(buffers[0][0], rm)  # updated in place on every path
+
+
+def test_compiled_call_without_grad_matches_eager():
+    x, _, w, b = _planes(torch.float32, seed=6)
+    rm, rv = torch.randn(12), torch.rand(12) + 0.5
+    compiled = torch.compile(_call, fullgraph=True)
+    with torch.no_grad():
+        for training in (False, True):
+            eager_buffers, compiled_buffers = (rm.clone(), rv.clone()), (rm.clone(), rv.clone())
+            # eval's [C] statistics (eval_stats) are torch ops that inductor compiles: its sqrt and
+            # reciprocal may round the last bit differently from eager's
+            torch.testing.assert_close(compiled(x, w, b, *compiled_buffers, training),
+                                       _call(x, w, b, *eager_buffers, training))
+            assert all(torch.equal(c, e) for c, e in zip(compiled_buffers, eager_buffers))
