@@ -106,7 +106,8 @@ void reduce_channels(const scalar_t* x, const scalar_t* dy, const BatchNormLayou
 // shift + S_b / n_b. The blocks are then combined exactly (Chan et al.'s parallel variance with
 // the cross term of an inexact center), in shift coordinates (e_b = c_b - shift, exact, and
 // d = mean - shift): m2 = sum_b Q_b + 2 (e_b - d) T_b + n_b (e_b - d)^2, T_b = S_b - n_b e_b.
-// S = sum_b S_b is added in the order reduce_channels uses, so the mean has the same bits as its.
+// S = sum_b S_b is added in the order reduce_channels uses, so the mean has the bits of the separate
+// passes.
 template <typename scalar_t>
 void rows_moments(const scalar_t* x, const BatchNormLayout& L, const acc_t<scalar_t>* shift,
                   acc_t<scalar_t>* mean, acc_t<scalar_t>* m2) {
