@@ -228,12 +228,7 @@ def _cmd_bench(args, parser: argparse.ArgumentParser) -> int:
     failed = harness.failures(doc)
     if not args.ops:  # a whole-suite run that lost an op module did not run everything
         failed += [f"fusedreg.bench.{m} failed to import: {e}" for m, e in load_errors.items()]
-    if failed:
-        print(f"\n{len(failed)} failure(s):", file=sys.stderr)
-        for line in failed:
-            print(f"  {line}", file=sys.stderr)
-        return 1
-    return 0
+    return report.exit_status(failed)
 
 
 # ----------------------------------------------------------------------------- main

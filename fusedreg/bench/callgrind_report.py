@@ -8,7 +8,7 @@ from itertools import groupby
 
 from .callgrind import CallgrindUnavailable, count, plan_cases, which_valgrind
 from .machine import machine_label
-from .report import _render, write_json, write_text
+from .report import _render, exit_status, write_json, write_text
 
 __all__ = ["format_table", "failures", "main"]
 
@@ -112,9 +112,4 @@ def main(args, parser) -> int:
     write_text(table, table_path)
     print(f"\nwrote {json_path}\nwrote {table_path}\n({doc['elapsed_s']:.0f} s)")
     failed = failures(doc)
-    if failed:
-        print(f"\n{len(failed)} failure(s):", file=sys.stderr)
-        for line in failed:
-            print(f"  {line}", file=sys.stderr)
-        return 1
-    return 0
+    return exit_status(failed)

@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from itertools import groupby
 
 from .machine import machine_label
 
 __all__ = ["format_table", "write_json", "write_text", "format_time", "format_bytes", "wide_bands",
-           "slower_rows"]
+           "slower_rows", "exit_status"]
 
 
 def format_time(ms: float | None) -> str:
@@ -152,6 +153,16 @@ def write_text(text: str, path: str | os.PathLike) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
         f.write(text.rstrip("\n") + "\n")
+
+
+def exit_status(failed: list[str]) -> int:
+    """A bench command's exit status: 0, or 1 after listing the failures on stderr."""
+    if not failed:
+        return 0
+    print(f"\n{len(failed)} failure(s):", file=sys.stderr)
+    for line in failed:
+        print(f"  {line}", file=sys.stderr)
+    return 1
 
 
 def write_json(doc: dict, path: str | os.PathLike) -> None:
