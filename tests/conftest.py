@@ -4,6 +4,8 @@ Without a CUDA device, Triton kernels run on CPU tensors under the Triton interp
 must be set before triton compiles any kernel, hence here, before anything imports fusedreg.triton.
 """
 import os
+import shutil
+import subprocess
 
 import pytest
 import torch
@@ -74,3 +76,23 @@ def cpu_library():
     if reason:
         pytest.skip(reason)
     _build.load_library("cpu")
+
+
+def build_host_program(source: str, directory, link_torch: bool = False):
+    """A host harness from C++ `source` (csrc/ on the include path), built in `directory` with the
+    host compiler; with link_torch, against torch's headers and its c10 / torch_cpu libraries. Skips
+    the requesting test when there is no C++ compiler; returns the executable's path."""
+    cxx = shutil.which(os.environ.get("CXX", "c++"))
+    if cxx is None:
+        pytest.skip("no C++ compiler")
+    path = directory / "harness.cpp"
+    path.write_text(source)
+    cmd = [cxx, "-std=c++20", "-O2", f"-I{_build.csrc_dir()}", str(path), "-o", str(directory / "harness")]
+    if link_torch:
+        from torch.utils import cpp_extension
+        libs = cpp_extension.library_paths()
+        cmd[4:4] = [f"-isystem{p}" for p in cpp_extension.include_paths()]
+        cmd += [*(f"-L{p}" for p in libs), *(f"-Wl,-rpath,{p}" for p in libs), "-lc10", "-ltorch_cpu"]
+    build = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert build.returncode == 0, build.stderr[-4000:]
+    return directory / "harness"

@@ -7,14 +7,12 @@ element is taken exactly once and that its keep bit is the layout's (word i % 4 
 and prints the masks of segments at the tensor's start, which must equal the reference's
 (fusedreg.reference.philox.dropout_keep). No GPU is needed.
 """
-import os
-import shutil
 import subprocess
 
 import pytest
 import torch
 
-from fusedreg import _build
+from conftest import build_host_program
 from fusedreg.reference import philox as ref
 
 _HARNESS = r"""
@@ -124,21 +122,7 @@ def _cases():
 
 @pytest.fixture(scope="module")
 def harness(tmp_path_factory):
-    from torch.utils import cpp_extension
-
-    cxx = shutil.which(os.environ.get("CXX", "c++"))
-    if cxx is None:
-        pytest.skip("no C++ compiler")
-    tmp = tmp_path_factory.mktemp("dropout_units")
-    source = tmp / "harness.cpp"
-    source.write_text(_HARNESS)
-    libs = cpp_extension.library_paths()
-    cmd = [cxx, "-std=c++20", "-O2", f"-I{_build.csrc_dir()}",
-           *(f"-isystem{p}" for p in cpp_extension.include_paths()), str(source), "-o", str(tmp / "harness"),
-           *(f"-L{p}" for p in libs), *(f"-Wl,-rpath,{p}" for p in libs), "-lc10", "-ltorch_cpu"]
-    build = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-    assert build.returncode == 0, build.stderr[-4000:]
-    return tmp / "harness"
+    return build_host_program(_HARNESS, tmp_path_factory.mktemp("dropout_units"), link_torch=True)
 
 
 def _run(harness, cases):

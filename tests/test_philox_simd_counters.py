@@ -9,14 +9,12 @@ host compiler calls dropout_keep_bits at every level this CPU supports for `firs
 2**32, 2**33 and 2**63, aligned and not, and the words must equal the reference's Philox
 (fusedreg.reference.philox.philox4x32). No tensor of that size is allocated.
 """
-import os
-import shutil
 import subprocess
 
 import pytest
 import torch
 
-from fusedreg import _build
+from conftest import build_host_program
 from fusedreg.reference import philox as ref
 
 _HARNESS = r"""
@@ -61,16 +59,7 @@ _SEEDS = (0, 1234, 2**63 - 1, 2**64 - 1)
 
 @pytest.fixture(scope="module")
 def harness(tmp_path_factory):
-    cxx = shutil.which(os.environ.get("CXX", "c++"))
-    if cxx is None:
-        pytest.skip("no C++ compiler")
-    tmp = tmp_path_factory.mktemp("philox_simd")
-    source = tmp / "harness.cpp"
-    source.write_text(_HARNESS)
-    cmd = [cxx, "-std=c++20", "-O2", f"-I{_build.csrc_dir()}", str(source), "-o", str(tmp / "harness")]
-    build = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert build.returncode == 0, build.stderr[-4000:]
-    return tmp / "harness"
+    return build_host_program(_HARNESS, tmp_path_factory.mktemp("philox_simd"))
 
 
 def _reference_words(seed: int, threshold: int, first: int, groups: int) -> list[int]:
