@@ -118,6 +118,47 @@ def test_bench_threads_option_sets_and_restores_the_thread_count(tmp_path, capsy
     assert "--threads must be at least 1" in capsys.readouterr().err
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="minor page faults as Linux counts them")
+def test_interleaved_timing_counts_page_faults_per_call_and_lists_the_faulting(tmp_path):
+    """A callable touching fresh anonymous memory on every call (as an output tensor does when the
+    allocator returned the previous one's pages to the OS) is counted at about one fault per page;
+    one reusing its buffer at none; the table lists the first only."""
+    import mmap
+
+    from fusedreg.bench import harness, report
+    from fusedreg.bench.timing import CpuTimer
+
+    pages = 512
+    kept = bytearray(pages * mmap.PAGESIZE)
+
+    def fresh():
+        with mmap.mmap(-1, pages * mmap.PAGESIZE) as m:
+            for page in range(pages):
+                m[page * mmap.PAGESIZE] = 1
+
+    def reused():
+        for page in range(pages):
+            kept[page * mmap.PAGESIZE] = 1
+
+    timer = CpuTimer(budget_s=0.0, min_samples=5, max_samples=5)
+    samples = timer.time_interleaved({"fresh": fresh, "reused": reused})
+    assert [len(timer.page_faults[n]) for n in samples] == [len(samples[n]) for n in samples] == [5, 5]
+    assert sorted(timer.page_faults["fresh"])[2] >= pages  # the median round
+    assert sorted(timer.page_faults["reused"])[2] < 1
+
+    case = registry.Case(op="o", name="c", note="", sizes={"cpu": [1]}, dtypes=(torch.float32,),
+                         make=lambda size, dtype, device: None, bytes_moved=lambda size, dtype: 1,
+                         impls={"fresh": registry.Impl(lambda inputs: fresh),
+                                "reused": registry.Impl(lambda inputs: reused)})
+    results, _ = harness._measure_case(case, case.impls, None, "cpu", timer, 1.0, 1)
+    assert results["fresh"]["page_faults_per_call"] >= pages
+    assert results["reused"]["page_faults_per_call"] < 1
+    entry = {"op": "o", "case": "c", "size_label": "1", "dtype": "float32", "subject": "fresh",
+             "impls": results, "ratios": {"reused": 1.0}, "ratio_bands": {"reused": None}}
+    doc = {"results": [entry]}
+    assert report.faulting(doc) == [f"o/c float32 1 fresh: {results['fresh']['page_faults_per_call']:.0f}/call"]
+
+
 def test_interleaved_timing_pairs_rounds_and_flags_wide_bands(monkeypatch):
     """The CPU timer runs every implementation once per round in a rotating order; the harness's
     ratios are medians of per-round ratios, so load that slows one round slows both sides."""

@@ -6,7 +6,8 @@ callable once more (a failing implementation is recorded with its error and the 
 interleaved rounds (timing.CpuTimer.time_interleaved), so that speed-ups are medians of paired
 per-round ratios, trustworthy on a machine other processes load; on a GPU one after the other
 (and, where the case asks, again as CUDA-graph replays, with their peak memory). Each result
-carries its q20..q80 band relative to the median, flagged when wider than timing.WIDE_BAND.
+carries its q20..q80 band relative to the median, flagged when wider than timing.WIDE_BAND, and
+on a CPU the median page faults per call.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import contextlib
 import gc
 import math
 import os
+import statistics
 import sys
 import time
 import traceback
@@ -79,6 +81,9 @@ def _measure_case(case, impls, inputs, device, timer, copy_gbps, bytes_moved) ->
             results[name] = _failure(exc)
             continue
         result = _result(measured, copy_gbps, bytes_moved)
+        faults = getattr(timer, "page_faults", {}).get(name) if name in samples else None
+        if faults:
+            result["page_faults_per_call"] = statistics.median(faults)
         if case.measure_memory:
             try:
                 result["peak_memory_bytes"] = peak_memory_bytes(fn, device)

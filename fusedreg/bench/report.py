@@ -9,7 +9,11 @@ from itertools import groupby
 from .machine import machine_label
 
 __all__ = ["format_table", "write_json", "write_text", "format_time", "format_bytes", "wide_bands",
-           "slower_rows", "exit_status"]
+           "slower_rows", "faulting", "exit_status"]
+
+# Page faults per call from which a measurement is listed as paying for fresh memory (64 faults:
+# 256 KiB of 4 KiB pages, tens of microseconds).
+FAULTS_LISTED = 64
 
 
 def format_time(ms: float | None) -> str:
@@ -89,6 +93,14 @@ def slower_rows(doc: dict) -> list[str]:
             if ratio is not None and ratio < 1]
 
 
+def faulting(doc: dict) -> list[str]:
+    """'case dtype size impl: N/call' of every measurement with FAULTS_LISTED or more page faults
+    per call (median over its rounds)."""
+    return [f"{e['op']}/{e['case']} {e['dtype']} {e['size_label']} {name}: {r['page_faults_per_call']:.0f}/call"
+            for e in doc["results"] for name, r in e["impls"].items()
+            if r.get("page_faults_per_call", 0) >= FAULTS_LISTED]
+
+
 def format_table(doc: dict) -> str:
     bw = doc["copy_bandwidth"]
     threads = doc.get("threads", doc["machine"].get("torch_threads"))
@@ -143,6 +155,12 @@ def format_table(doc: dict) -> str:
     if noisy:
         out += ["", f"{len(noisy)} measurement(s) with a band above {100 * wide:.0f}% (machine busy? "
                     "rerun, or compare their speedup brackets): " + "; ".join(noisy)]
+    fresh = faulting(doc)
+    if fresh:
+        out += ["", f"{len(fresh)} measurement(s) faulting in fresh pages on every call (median page faults "
+                    "per call): the allocator had returned the memory of an earlier call's output to the "
+                    "OS, and the time includes touching it anew, which depends on the process's "
+                    "allocation history, not on the kernel: " + "; ".join(fresh)]
     slower = slower_rows(doc)
     if slower:
         out += ["", f"{len(slower)} row(s) where the subject is slower than a baseline: " + "; ".join(slower)]
