@@ -1,6 +1,8 @@
 """The CPU BatchNorm rows layout ((N, C), channels_last) at every instruction-set level: the
-statistics and gradient sums go down the rows into [C] block partials (narrow rows in register
-tiles, wider ones a vector of columns at a time), whole vectors of columns first and the last
+statistics and gradient sums go down the rows into [C] block partials (rows of 5 to 16 vectors
+(8 below AVX-512; half that for the gradient sums) read row after row with every column's sums in
+registers, narrower rows in register tiles, wider ones a vector of columns at a time), whole
+vectors of columns first and the last
 C % vector columns element by element; the block partials (for the statistics: each block's sum
 and m2 about its own centre) are combined with the channels as the inner loop, pairwise above
 1024 blocks. Checked: vector and element-by-element columns give the same bits for the same
@@ -15,7 +17,10 @@ from test_cpu_isa import LEVELS, _close, level, threads  # noqa: F401  fixtures
 
 pytestmark = pytest.mark.usefixtures("cpu_library")
 
-SHAPES = [(70, 135), (33, 64), (5, 200), (300, 17)]
+# Columns per level (AVX-512 / AVX2 / SSE2 vectors of float32): 135 (8 / 16 / 33 vectors and a
+# tail), 64, 200 (12 / 25 / 50), 17, 26 (SSE2's row walk: 6 vectors and a tail), 256 (AVX-512's
+# widest row walk, 16 vectors).
+SHAPES = [(70, 135), (33, 64), (5, 200), (300, 17), (41, 26), (66, 256)]
 
 
 def _rows(n, c, dtype, seed=0, same_columns=False):
