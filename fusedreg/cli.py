@@ -209,7 +209,8 @@ def _cmd_bench(args, parser: argparse.ArgumentParser) -> int:
     if args.threads is not None and args.threads < 1:
         parser.error(f"--threads must be at least 1, got {args.threads}")
     doc = harness.run(args.ops, device, args.dtype, quick=args.quick, min_elements=args.min_elements,
-                      compiled=not args.no_compile, budget_s=args.budget, threads=args.threads)
+                      compiled=not args.no_compile, budget_s=args.budget, threads=args.threads,
+                      steady_malloc=not args.system_malloc)
     table = report.format_table(doc)
     print(table, flush=True)
     if doc["left_out_by_budget"]:
@@ -266,6 +267,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--threads", type=int, metavar="N",
                        help="torch threads for the run (default: every core this process may use); "
                             "named in the table header")
+    bench.add_argument("--system-malloc", action="store_true",
+                       help="CPU: time under the C library's default malloc policy (by default glibc keeps "
+                            "freed memory in the process during the run, so that no call pays for pages "
+                            "an earlier call's free handed back to the OS); named in the table header")
     bench.add_argument("--json", metavar="PATH", help="default: bench-out/bench-<device>.json")
     bench.add_argument("--table", metavar="PATH", help="the printed table, as text; default: "
                                                         "bench-out/bench-<device>.txt")

@@ -1,6 +1,7 @@
 """The command line: `python -m fusedreg env | build | bench` and the benchmark registry behind it."""
 import json
 import os
+import platform
 import subprocess
 import sys
 import time
@@ -157,6 +158,36 @@ def test_interleaved_timing_counts_page_faults_per_call_and_lists_the_faulting(t
              "impls": results, "ratios": {"reused": 1.0}, "ratio_bands": {"reused": None}}
     doc = {"results": [entry]}
     assert report.faulting(doc) == [f"o/c float32 1 fresh: {results['fresh']['page_faults_per_call']:.0f}/call"]
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the policy is glibc's mallopt")
+def test_steady_malloc_keeps_freed_memory_and_the_bench_names_its_policy(tmp_path):
+    """Under steady_malloc an 8 MiB tensor allocated, touched and freed again and again faults its
+    pages in once, not every time; the bench's table header and JSON name the policy, and
+    --system-malloc leaves glibc's own."""
+    from fusedreg.bench import cpu_malloc
+    from fusedreg.bench.timing import minor_page_faults
+
+    pages = 8 * 2**20 // 4096
+
+    def faults_per_allocation():  # the median of 11 allocations
+        faults = []
+        for _ in range(11):
+            before = minor_page_faults()
+            torch.empty(8 * 2**20, dtype=torch.uint8).fill_(1)
+            faults.append(minor_page_faults() - before)
+        return sorted(faults)[5]
+
+    with cpu_malloc.steady_malloc() as policy:
+        assert policy.startswith("glibc malloc with fixed thresholds")
+        assert faults_per_allocation() < pages / 100
+
+    for flags, expected in (([], "glibc malloc with fixed thresholds"), (["--system-malloc"], "the C library's default")):
+        assert cli.main(["bench", "copy", "--quick", "--device", "cpu", "--dtype", "float32", *flags,
+                         "--json", str(tmp_path / "b.json"), "--plot", str(tmp_path / "b.png"),
+                         "--table", str(tmp_path / "b.txt")]) == 0
+        assert json.loads((tmp_path / "b.json").read_text())["malloc"].startswith(expected)
+        assert f"malloc: {expected}" in (tmp_path / "b.txt").read_text()
 
 
 def test_interleaved_timing_pairs_rounds_and_flags_wide_bands(monkeypatch):

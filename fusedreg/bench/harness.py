@@ -23,7 +23,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from . import registry
+from . import cpu_malloc, registry
 from .copy import copy_bandwidth
 from .machine import last_level_cache_bytes, machine_info
 from .timing import WIDE_BAND, Measurement, make_timer, peak_memory_bytes, quantiles
@@ -152,7 +152,7 @@ def _compile_everything():
 def run(ops: Sequence[str] | None, device: str, dtypes: Sequence[torch.dtype] | None = None,
         quick: bool = False, progress: Callable[[str], None] | None = None, *,
         min_elements: int = 0, compiled: bool = True, budget_s: float | None = None,
-        threads: int | None = None) -> dict:
+        threads: int | None = None, steady_malloc: bool = False) -> dict:
     """Benchmark the cases of `ops` (all when empty) on `device`; return the results document.
 
     min_elements: skip sizes with fewer elements (a size's elements: the product of its integers).
@@ -160,14 +160,19 @@ def run(ops: Sequence[str] | None, device: str, dtypes: Sequence[torch.dtype] | 
     budget_s: start no new measurement after this many seconds; the document then says what was
     left out, so a run cut short by a time window still writes everything it measured.
     threads: torch's intra-op thread count for the run (default: every core this process may use),
-    restored afterwards; the document records it."""
+    restored afterwards; the document records it.
+    steady_malloc: on a CPU, time under cpu_malloc.steady_malloc (freed memory kept in the process);
+    the document's "malloc" says which policy the times were taken under."""
     saved_threads = torch.get_num_threads()
     torch.set_num_threads(threads or default_threads())
+    policy = (cpu_malloc.steady_malloc() if steady_malloc and device == "cpu"
+              else contextlib.nullcontext(cpu_malloc.SYSTEM_DEFAULT))
     try:
         load_start = load_average()
-        with _compile_everything():
+        with _compile_everything(), policy as malloc:
             doc = _run(ops, device, dtypes, quick, progress, min_elements, compiled, budget_s)
         doc["load_average"] = {"start": load_start, "end": load_average(), "cores": default_threads()}
+        doc["malloc"] = malloc if device == "cpu" else None
         return doc
     finally:
         torch.set_num_threads(saved_threads)

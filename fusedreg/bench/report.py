@@ -114,6 +114,8 @@ def format_table(doc: dict) -> str:
            "speedup = baseline time / subject time (> 1: subject faster)"
            + (", the median of per-round paired ratios, their q20-q80 in brackets"
               if doc.get("interleaved") else "")]
+    if doc.get("malloc"):
+        out.append(f"malloc: {doc['malloc']}")
     load = doc.get("load_average") or {}
     if load.get("start") is not None:
         out.append(f"machine load: 1-min load average {load['start']:g} before the run, {load['end']:g} "
@@ -158,9 +160,8 @@ def format_table(doc: dict) -> str:
     fresh = faulting(doc)
     if fresh:
         out += ["", f"{len(fresh)} measurement(s) faulting in fresh pages on every call (median page faults "
-                    "per call): the allocator had returned the memory of an earlier call's output to the "
-                    "OS, and the time includes touching it anew, which depends on the process's "
-                    "allocation history, not on the kernel: " + "; ".join(fresh)]
+                    "per call): the allocator had handed an earlier call's memory back to the OS, and the "
+                    "time includes touching it anew: " + "; ".join(fresh)]
     slower = slower_rows(doc)
     if slower:
         out += ["", f"{len(slower)} row(s) where the subject is slower than a baseline: " + "; ".join(slower)]
