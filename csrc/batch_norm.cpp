@@ -69,8 +69,9 @@ void check_cpu(const at::Tensor& t, const char* name) { check_device_type(t, at:
 
 // Contract: returns (output laid out as empty_like(input) in input's dtype, mean, invstd), the
 // last two [C] in the statistics dtype: batch statistics in training (zeros for an empty batch),
-// running_mean and 1/sqrt(running_var + eps) in eval. Mutates running_mean/running_var in training
-// when given: (1 - momentum) * old + momentum * batch value, the variance unbiased (n / (n - 1)).
+// running_mean and 1 / torch.sqrt(running_var + eps) in eval (torch's ops: the reference's bits).
+// Mutates running_mean/running_var in training when given (never in eval): (1 - momentum) * old +
+// momentum * batch value, the variance unbiased (n / (n - 1)).
 // weight/bias/running stats: [C], input's dtype or the statistics dtype. Raises ValueError for one
 // value per channel in training and RuntimeError for eval without running stats.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_fwd_cpu(
@@ -95,12 +96,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_fwd_cpu(
     acc* invstd_p = invstd.mutable_data_ptr<acc>();
     const int64_t n = ops.layout.per_channel();
     if (!training) {
-      const acc* rm = rmean.work.const_data_ptr<acc>();
-      const acc* rv = rvar.work.const_data_ptr<acc>();
-      for (int64_t c = 0; c < C; ++c) {
-        mean_p[c] = rm[c];
-        invstd_p[c] = acc(1) / std::sqrt(rv[c] + static_cast<acc>(eps));
-      }
+      // torch's own ops, not std::sqrt: the bits of the reference's 1 / torch.sqrt(running_var +
+      // eps) (torch's vectorized sqrt is not always correctly rounded), so that an eval forward is
+      // bitwise batch_norm_elemt on the reference's statistics, whichever of the two ran it.
+      mean.copy_(rmean.work);
+      at::add_out(invstd, rvar.work, eps).sqrt_().reciprocal_();
     } else if (n == 0) {
       std::fill(mean_p, mean_p + C, acc(0));
       std::fill(invstd_p, invstd_p + C, acc(0));
@@ -126,8 +126,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_fwd_cpu(
     }
     elementwise<Pass::kForward, scalar_t>(ops, co);
   });
-  rmean.write_back();
-  rvar.write_back();
+  if (training) {  // eval never writes the running buffers, not even their own values back
+    rmean.write_back();
+    rvar.write_back();
+  }
   return {ops.out, mean, invstd};
 }
 

@@ -61,3 +61,26 @@ def test_eval_output_is_the_kernel_on_the_reference_statistics(device, backend, 
     invstd = 1 / torch.sqrt(running_var + eps)
     expected = kernel("batch_norm_elemt", backend, reference)(x, weight, bias, running_mean, invstd)
     assert _same_bits(ours, expected)
+
+
+# (running buffers, input): the buffers in the input's dtype or in its statistics dtype
+OP_DTYPE_PAIRS = [(torch.float32, torch.float32), (torch.float64, torch.float64), (torch.bfloat16, torch.bfloat16),
+                  (torch.float16, torch.float16), (torch.float32, torch.bfloat16), (torch.float32, torch.float16)]
+
+
+@pytest.mark.parametrize("buffer_dtype,input_dtype", OP_DTYPE_PAIRS, ids=str)
+def test_cpu_eval_forward_computes_eval_stats_bits_itself(cpu_library, buffer_dtype, input_dtype):
+    """A CPU eval call is one op: batch_norm_fwd's eval branch must return eval_stats' mean and
+    invstd bit for bit (zero, subnormal, inf and NaN variances) and never write the running buffers,
+    not even with their own values (their version counters stay)."""
+    running_mean, running_var = _buffers(buffer_dtype)
+    x = torch.randn(2, 67, 3).to(input_dtype)
+    dtype = torch.float64 if input_dtype == torch.float64 else torch.float32
+    versions = running_mean._version, running_var._version
+    saved_mean, saved_var = running_mean.clone(), running_var.clone()
+    _, mean, invstd = torch.ops.fusedreg.batch_norm_fwd(x, None, None, running_mean, running_var,
+                                                        False, 0.1, 1e-5)
+    expected_mean, expected_invstd = eval_stats(running_mean, running_var, 1e-5, dtype)
+    assert _same_bits(mean, expected_mean) and _same_bits(invstd, expected_invstd)
+    assert (running_mean._version, running_var._version) == versions
+    assert _same_bits(running_var, saved_var) and _same_bits(running_mean, saved_mean)
