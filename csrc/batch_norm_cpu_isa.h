@@ -1,10 +1,14 @@
 // The run-time entry points of the CPU BatchNorm inner loops (batch_norm_cpu_loops.h): each loop
 // is instantiated inside FUSEDREG_TARGET_AVX512 / _AVX2 functions and a plain one, and
 // channels_sum / rows_sum / planes_apply / rows_apply call the copy for the level they are given
-// (csrc/common/cpu_isa.h picks it once per process). Included by batch_norm.cpp and
-// batch_norm_stats.cpp.
+// (csrc/common/cpu_isa.h picks it once per process); bfloat16's elementwise passes run
+// batch_norm_cpu_bf16.h's loops instead at the AVX-512 level on CPUs with AVX512_BF16. Included by
+// batch_norm.cpp and batch_norm_stats.cpp.
 #pragma once
 
+#include <type_traits>
+
+#include "batch_norm_cpu_bf16.h"
 #include "batch_norm_cpu_loops.h"
 
 namespace fusedreg {
@@ -104,6 +108,15 @@ template <Pass kPass, typename scalar_t>
 void planes_apply(CpuIsa isa, const scalar_t* x, const scalar_t* dy, scalar_t* out, const BatchNormLayout& L,
                   int64_t p0, int64_t p1, const acc_t<scalar_t>* m, const acc_t<scalar_t>* a,
                   const acc_t<scalar_t>* b, const acc_t<scalar_t>* k) {
+#if FUSEDREG_X86_SIMD
+  if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+    if (isa == CpuIsa::kAvx512 && cpu_has_avx512bf16()) {
+      return planes_apply_avx512bf16<kPass>(reinterpret_cast<const uint16_t*>(x),
+                                            reinterpret_cast<const uint16_t*>(dy), reinterpret_cast<uint16_t*>(out),
+                                            &L, p0, p1, m, a, b, k);
+    }
+  }
+#endif
   FUSEDREG_BN_CALL_AT(isa, planes_apply, kPass, scalar_t)(x, dy, out, &L, p0, p1, m, a, b, k);
 }
 
@@ -111,6 +124,15 @@ template <Pass kPass, typename scalar_t>
 void rows_apply(CpuIsa isa, const scalar_t* x, const scalar_t* dy, scalar_t* out, int64_t C, int64_t r0,
                 int64_t r1, const acc_t<scalar_t>* m, const acc_t<scalar_t>* a, const acc_t<scalar_t>* b,
                 const acc_t<scalar_t>* k) {
+#if FUSEDREG_X86_SIMD
+  if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+    if (isa == CpuIsa::kAvx512 && cpu_has_avx512bf16()) {
+      return rows_apply_avx512bf16<kPass>(reinterpret_cast<const uint16_t*>(x),
+                                          reinterpret_cast<const uint16_t*>(dy), reinterpret_cast<uint16_t*>(out),
+                                          C, r0, r1, m, a, b, k);
+    }
+  }
+#endif
   FUSEDREG_BN_CALL_AT(isa, rows_apply, kPass, scalar_t)(x, dy, out, C, r0, r1, m, a, b, k);
 }
 #undef FUSEDREG_BN_CALL_AT

@@ -32,18 +32,6 @@ constexpr int64_t kBlockElems = kBlockGroups * kDropoutElemsPerGroup;
 
 #if FUSEDREG_X86_SIMD
 
-#define FUSEDREG_TARGET_AVX512BF16 \
-  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,bmi,bmi2,popcnt")))
-
-// AVX512_BF16 on top of the AVX-512 level (Zen 4, Cooper Lake, Sapphire Rapids and later).
-inline bool cpu_has_avx512bf16() {
-  static const bool has = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512bf16") != 0;
-  }();
-  return has;
-}
-
 // One register of 16 elements for the fused AVX-512 loop: float32 as is, bfloat16 widened on load and
 // rounded back on store exactly as c10 does (csrc/common/cpu_vec.h).
 struct F32x16 {

@@ -2,6 +2,8 @@
 - the rows layout's (channels_last, (N, C)) statistics take one pass over memory (two passes per
   block of rows while it is in cache, blocks combined exactly): as accurate as two passes over the
   whole channel, also with a large mean and a first value (the shift) far from it;
+- bfloat16's elementwise passes (at the AVX-512 level with AVX512_BF16, loops of their own) compute
+  the float32 passes' values rounded as c10 rounds, denormals and NaN included;
 - fusedreg.batch_norm with nothing for autograd to record runs without the autograd Function: the
   same output and running statistics, no graph, and torch.compile still traces it whole."""
 import pytest
@@ -41,6 +43,51 @@ def test_rows_statistics_with_a_large_mean_and_a_far_first_value(level, shape, m
     stats_mean, stats_var = torch.ops.fusedreg.batch_norm_stats(x)
     assert torch.equal(stats_mean, mean)
     torch.testing.assert_close(stats_var.double(), var64, atol=0, rtol=2e-5)
+
+
+def _bf16_of(values: torch.Tensor) -> torch.Tensor:
+    """float32 `values` rounded to bfloat16 as c10 does: every NaN to 0x7FC0 (torch's vectorized
+    .to() writes 0xFFFF), otherwise to nearest even."""
+    rounded = values.to(torch.bfloat16)
+    return rounded.masked_fill(values.isnan(), float("nan")).view(torch.int16).masked_fill(
+        values.isnan(), 0x7FC0).view(torch.bfloat16)
+
+
+@pytest.mark.parametrize("level", LEVELS, indirect=True)
+@pytest.mark.parametrize("shape,memory_format", [((3, 37, 5, 7), torch.contiguous_format),
+                                                 ((3, 37, 5, 7), torch.channels_last),
+                                                 ((2, 32, 4, 4), torch.channels_last),
+                                                 ((300, 37), torch.contiguous_format),
+                                                 ((3, 21, 64), torch.contiguous_format)],
+                         ids=["nchw_tails", "nhwc_tails", "nhwc_whole", "nc", "ncl_whole"])
+def test_bf16_passes_are_the_float32_passes_rounded(level, shape, memory_format):
+    """Eval forward, training and eval backward on bfloat16 against the same op on the float32 copy
+    of the data and the same statistics, rounded: bit for bit, with channels whose outputs are
+    denormal (weight 1e-38, 1e-39), NaN (NaN weight, NaN input) and infinite (inf bias)."""
+    C = shape[1]
+    gen = torch.Generator().manual_seed(7)
+    x = (3 * torch.randn(shape, generator=gen)).to(torch.bfloat16).contiguous(memory_format=memory_format)
+    spatial = x.dim() - 2
+    x[(0, 1) + (0,) * spatial], x[(1, 2) + (1,) * spatial] = float("nan"), float("inf")
+    dy = torch.randn(shape, generator=gen).to(torch.bfloat16).contiguous(memory_format=memory_format)
+    w, b = torch.rand(C, generator=gen) + 0.5, torch.randn(C, generator=gen)
+    w[3], w[7], w[5], b[6] = 1e-38, 1e-39, float("nan"), float("inf")
+    b[3] = b[7] = 0.0
+    rm, rv = torch.randn(C, generator=gen), torch.rand(C, generator=gen) + 0.1
+    out, mean, invstd = torch.ops.fusedreg.batch_norm_fwd(x, w, b, rm, rv, False, 0.1, 1e-5)
+    out32, _, _ = torch.ops.fusedreg.batch_norm_fwd(x.float(), w, b, rm, rv, False, 0.1, 1e-5)
+    results = [(out, out32)]
+    for training in (True, False):
+        dx, dw, db = torch.ops.fusedreg.batch_norm_bwd(dy, x, w, mean, invstd, training)
+        dx32, dw32, db32 = torch.ops.fusedreg.batch_norm_bwd(dy.float(), x.float(), w, mean, invstd, training)
+        results.append((dx, dx32))
+        for sums, sums32 in ((dw, dw32), (db, db32)):  # same sums; NaN where x holds one
+            torch.testing.assert_close(sums, sums32, rtol=0, atol=0, equal_nan=True)
+    for got, want in results:
+        assert got.stride() == x.stride()
+        assert torch.equal(got.view(torch.int16), _bf16_of(want).view(torch.int16))
+    tiny = out.float().abs()
+    assert ((tiny > 0) & (tiny < torch.finfo(torch.float32).tiny)).any()  # denormals were rounded
 
 
 def _call(x, w, b, rm, rv, training):

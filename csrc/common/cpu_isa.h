@@ -21,10 +21,13 @@
 #define FUSEDREG_X86_SIMD 1
 #define FUSEDREG_TARGET_AVX2 __attribute__((target("avx2,bmi,bmi2,popcnt")))
 #define FUSEDREG_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,bmi,bmi2,popcnt")))
+#define FUSEDREG_TARGET_AVX512BF16 \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,bmi,bmi2,popcnt")))
 #else
 #define FUSEDREG_X86_SIMD 0
 #define FUSEDREG_TARGET_AVX2
 #define FUSEDREG_TARGET_AVX512
+#define FUSEDREG_TARGET_AVX512BF16
 #endif
 
 #if defined(__GNUC__) || defined(__clang__)
@@ -53,6 +56,21 @@ inline CpuIsa cpu_isa_supported() {
   return best;
 #else
   return CpuIsa::kDefault;
+#endif
+}
+
+// AVX512_BF16 on top of the AVX-512 level (Zen 4, Cooper Lake, Sapphire Rapids and later): not a
+// level of its own, only a faster float -> bfloat16 narrowing inside AVX-512 loops, whose results
+// are the same bits (cpu_vec::to_bf16x16_avx512bf16), so it needs no switch of its own.
+inline bool cpu_has_avx512bf16() {
+#if FUSEDREG_X86_SIMD
+  static const bool has = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512bf16") != 0;
+  }();
+  return has;
+#else
+  return false;
 #endif
 }
 

@@ -1,6 +1,7 @@
 // float <-> bfloat16 for the CPU kernels, scalar and in AVX2 / AVX-512 registers, bit-identical to
 // c10::BFloat16: widening is a 16-bit shift, narrowing rounds to nearest even and turns every NaN
-// into 0x7FC0. (vcvtneps2bf16 is not used: it flushes subnormal inputs to zero.)
+// into 0x7FC0. AVX512_BF16's vcvtneps2bf16 rounds the same way but flushes denormals to zero and
+// keeps NaN payloads, so to_bf16x16_avx512bf16 uses it only for vectors without either.
 #pragma once
 
 #include <cstdint>
@@ -57,6 +58,14 @@ FUSEDREG_TARGET_AVX512 FUSEDREG_ALWAYS_INLINE void store_bf16x16(uint16_t* p, __
 
 FUSEDREG_TARGET_AVX512 FUSEDREG_ALWAYS_INLINE void mask_store_bf16x16(uint16_t* p, __mmask16 k, __m512 f) {
   _mm256_mask_storeu_epi16(p, k, to_bf16x16(f));
+}
+
+// to_bf16x16's bits in 3 instructions instead of 8 where no element is a NaN or a denormal (one
+// vfpclassps tells; random data almost never takes the exact path). CPUs with cpu_has_avx512bf16().
+FUSEDREG_TARGET_AVX512BF16 FUSEDREG_ALWAYS_INLINE __m256i to_bf16x16_avx512bf16(__m512 f) {
+  constexpr int kNanOrDenormal = 0x01 | 0x80 | 0x20;  // vfpclassps: QNaN, SNaN, denormal
+  if (__builtin_expect(_mm512_fpclass_ps_mask(f, kNanOrDenormal) != 0, 0)) return to_bf16x16(f);
+  return reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(f));
 }
 
 FUSEDREG_TARGET_AVX2 FUSEDREG_ALWAYS_INLINE __m256 load_bf16x8(const uint16_t* p) {
