@@ -151,9 +151,17 @@ def select(device: torch.device | str, backend: str | None = None) -> str:
     Traceable by torch.compile: the choice (keyword, context, global, env) is read from plain
     globals, which dynamo guards on; resolving it against what is available runs once at trace time.
     """
-    device = torch.device(device)
+    device_type = device.type if isinstance(device, torch.device) else torch.device(device).type
     name = _check_name(backend) if backend is not None else get_backend()
-    return _resolve(device.type, name)
+    return _resolve(device_type, name)
+
+
+# (device type, name) -> a C++ backend that resolution picked, its library loaded: a loaded
+# library stays loaded, so the answer holds for the rest of the process and later calls skip the
+# checks. Their Python costs ~100 us a call on the 2-core VM when a large op has just evicted the
+# caches; the other answers (triton, which depends on TRITON_INTERPRET, and fallbacks) are
+# resolved on every call.
+_resolved: dict[tuple[str, str], str] = {}
 
 
 def _assume_constant_result(fn):
@@ -166,21 +174,30 @@ def _assume_constant_result(fn):
 
 @_assume_constant_result
 def _resolve(device_type: str, name: str) -> str:
+    known = _resolved.get((device_type, name))
+    if known is not None:
+        return known
     device = torch.device(device_type)
     if name != "auto":
         reason = _reason(name, device, load=True)
         if reason is not None:
             raise BackendUnavailable(f"fusedreg backend {name!r} is unavailable: {reason}")
-        return _prepared(name)
+        return _remembered(device_type, name, _prepared(name))
     for candidate in _AUTO_ORDER.get(device_type, ("reference",)):
         reason = _reason(candidate, device, load=True)
         if reason is None:
-            return _prepared(candidate)
+            return _remembered(device_type, name, _prepared(candidate))
         if (candidate, reason) not in _warned:
             _warned.add((candidate, reason))
             warnings.warn(f"fusedreg: backend {candidate!r} unavailable for {device_type} tensors "
                           f"({reason}); falling back", RuntimeWarning, stacklevel=4)
     return "reference"
+
+
+def _remembered(device_type: str, name: str, backend: str) -> str:
+    if backend in ("cuda", "cpu"):
+        _resolved[(device_type, name)] = backend
+    return backend
 
 
 def _prepared(name: str) -> str:

@@ -71,12 +71,30 @@ def test_auto_on_cpu_prefers_the_cpu_library():
     assert _backend.select("cpu") == "cpu"
 
 
+def test_a_loaded_library_is_selected_without_checking_again(monkeypatch):
+    """Once the cpu library is loaded, auto and "cpu" resolve from memory (a loaded library stays
+    loaded); a name whose answer can change (triton: TRITON_INTERPRET) is checked on every call."""
+    if _build.unbuildable_reason("cpu"):
+        pytest.skip(_build.unbuildable_reason("cpu"))
+    monkeypatch.setattr(_backend, "_resolved", {})
+    assert _backend.select("cpu") == "cpu" and _backend.select(torch.device("cpu"), "cpu") == "cpu"
+
+    def checked(*args, **kwargs):
+        raise AssertionError("checked again")
+
+    monkeypatch.setattr(_backend, "_reason", checked)
+    assert _backend.select("cpu") == "cpu" and _backend.select("cpu", backend="cpu") == "cpu"
+    with pytest.raises(AssertionError, match="checked again"):
+        _backend.select("cpu", backend="triton")
+
+
 def test_auto_falls_back_with_one_warning_and_explicit_raises(monkeypatch):
     def broken(kind, verbose=False):
         raise _build.BuildError(f"building fusedreg_{kind} failed: boom", "/tmp/some.log")
 
     monkeypatch.setattr(_build, "load_library", broken)
     monkeypatch.setattr(_backend, "_warned", set())
+    monkeypatch.setattr(_backend, "_resolved", {})  # as in a process whose build failed
     with pytest.warns(RuntimeWarning, match="boom"):
         assert _backend.select("cpu") == "reference"
     with warnings.catch_warnings():
