@@ -69,7 +69,7 @@ void check_cpu(const at::Tensor& t, const char* name) { check_device_type(t, at:
 
 // Contract: returns (output laid out as empty_like(input) in input's dtype, mean, invstd), the
 // last two [C] in the statistics dtype: batch statistics in training (zeros for an empty batch),
-// running_mean and 1 / torch.sqrt(running_var + eps) in eval (torch's ops: the reference's bits).
+// running_mean and 1 / torch.sqrt(running_var + eps) in eval (the reference's bits).
 // Mutates running_mean/running_var in training when given (never in eval): (1 - momentum) * old +
 // momentum * batch value, the variance unbiased (n / (n - 1)).
 // weight/bias/running stats: [C], input's dtype or the statistics dtype. Raises ValueError for one
@@ -96,11 +96,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_fwd_cpu(
     acc* invstd_p = invstd.mutable_data_ptr<acc>();
     const int64_t n = ops.layout.per_channel();
     if (!training) {
-      // torch's own ops, not std::sqrt: the bits of the reference's 1 / torch.sqrt(running_var +
-      // eps) (torch's vectorized sqrt is not always correctly rounded), so that an eval forward is
-      // bitwise batch_norm_elemt on the reference's statistics, whichever of the two ran it.
-      mean.copy_(rmean.work);
-      at::add_out(invstd, rvar.work, eps).sqrt_().reciprocal_();
+      // The bits of the reference's 1 / torch.sqrt(running_var + eps), so that an eval forward is
+      // bitwise batch_norm_elemt on the reference's statistics, whichever of the two ran it. The
+      // add and the division are IEEE operations, the same here as in torch's kernels; the square
+      // root must be torch's own op (its vectorized sqrt is not always correctly rounded, so
+      // std::sqrt differs in the last bit). One dispatched op, not four: each costs ~10-30 us of
+      // host time when a large op has just evicted the caches.
+      const acc* rm = rmean.work.const_data_ptr<acc>();
+      const acc* rv = rvar.work.const_data_ptr<acc>();
+      const acc eps_acc = static_cast<acc>(eps);
+      for (int64_t c = 0; c < C; ++c) {
+        mean_p[c] = rm[c];
+        invstd_p[c] = rv[c] + eps_acc;
+      }
+      invstd.sqrt_();
+      for (int64_t c = 0; c < C; ++c) invstd_p[c] = acc(1) / invstd_p[c];
     } else if (n == 0) {
       std::fill(mean_p, mean_p + C, acc(0));
       std::fill(invstd_p, invstd_p + C, acc(0));
