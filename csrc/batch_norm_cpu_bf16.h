@@ -16,7 +16,7 @@
 
 #include <cstdint>
 
-#include "batch_norm_cpu_loops.h"
+#include "batch_norm_cpu_apply.h"
 #include "common/cpu_isa.h"
 #include "common/cpu_vec.h"
 

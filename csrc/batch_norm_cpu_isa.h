@@ -8,6 +8,7 @@
 
 #include <type_traits>
 
+#include "batch_norm_cpu_apply.h"
 #include "batch_norm_cpu_bf16.h"
 #include "batch_norm_cpu_loops.h"
 

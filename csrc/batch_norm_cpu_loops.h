@@ -3,9 +3,9 @@
 //
 // The sums use explicit GCC vectors (kLanes = 16 lanes as 1, 2 or 4 registers of the level's
 // width), so that their order of additions is fixed by the layout alone and they do not depend on
-// the auto-vectorizer; the elementwise loops are plain branch-free loops over contiguous memory,
-// left to it. Loads widen to the accumulation type (bf16 by a 16-bit shift, no per-element call)
-// and stores round like c10 (cpu_vec.h). The same source is instantiated inside
+// the auto-vectorizer (the elementwise loops are in batch_norm_cpu_apply.h). Loads widen to the
+// accumulation type (bf16 by a 16-bit shift, no per-element call) and stores round like c10
+// (cpu_vec.h). The same source is instantiated inside
 // FUSEDREG_TARGET_AVX512 / _AVX2 functions and plain ones (SSE2), so the levels differ only in
 // instruction selection; the compiler may contract a * b + c into one fused multiply-add where the
 // level has it, which changes the last bit of some results (within the tolerances every test
@@ -384,51 +384,6 @@ FUSEDREG_ALWAYS_INLINE void rows_sum_loop(const scalar_t* x, const scalar_t* dy,
       }
       p0[c] = s0;
       if constexpr (kTerm == Term::kGrad) p1[c] = s1;
-    }
-  }
-}
-
-// The elementwise pass. Per-channel coefficients:
-//   kForward:      out = (x - m) * a + b
-//   kBackward:     out = (dy - b - (x - m) * k) * a
-//   kBackwardEval: out = dy * a
-enum class Pass { kForward, kBackward, kBackwardEval };
-
-template <Pass kPass, typename acc>
-FUSEDREG_ALWAYS_INLINE acc formula(acc x, acc g, acc m, acc a, acc b, acc k) {
-  if constexpr (kPass == Pass::kForward) {
-    return (x - m) * a + b;
-  } else if constexpr (kPass == Pass::kBackward) {
-    return (g - b - (x - m) * k) * a;
-  } else {
-    return g * a;
-  }
-}
-
-// One run of n elements of one channel.
-template <Pass kPass, typename scalar_t>
-FUSEDREG_ALWAYS_INLINE void run_apply(const scalar_t* x, const scalar_t* dy, scalar_t* out, int64_t n,
-                                      acc_t<scalar_t> m, acc_t<scalar_t> a, acc_t<scalar_t> b, acc_t<scalar_t> k) {
-  using acc = acc_t<scalar_t>;
-  for (int64_t i = 0; i < n; ++i) {
-    const acc xv = kPass != Pass::kBackwardEval ? load(x, i) : acc(0);
-    const acc gv = kPass != Pass::kForward ? load(dy, i) : acc(0);
-    store(out, i, formula<kPass>(xv, gv, m, a, b, k));
-  }
-}
-
-// Rows [r0, r1) of a [rows, C] matrix, coefficients as [C] arrays.
-template <Pass kPass, typename scalar_t>
-FUSEDREG_ALWAYS_INLINE void rows_apply_loop(const scalar_t* x, const scalar_t* dy, scalar_t* out, int64_t C,
-                                       int64_t r0, int64_t r1, const acc_t<scalar_t>* m, const acc_t<scalar_t>* a,
-                                       const acc_t<scalar_t>* b, const acc_t<scalar_t>* k) {
-  using acc = acc_t<scalar_t>;
-  for (int64_t r = r0; r < r1; ++r) {
-    const int64_t base = r * C;
-    for (int64_t c = 0; c < C; ++c) {
-      const acc xv = kPass != Pass::kBackwardEval ? load(x, base + c) : acc(0);
-      const acc gv = kPass != Pass::kForward ? load(dy, base + c) : acc(0);
-      store(out, base + c, formula<kPass>(xv, gv, m[c], a[c], b[c], k[c]));
     }
   }
 }
