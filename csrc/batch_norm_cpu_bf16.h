@@ -30,13 +30,14 @@ FUSEDREG_TARGET_AVX512BF16 FUSEDREG_ALWAYS_INLINE __m512 load_bf16x16(__mmask16 
   return full ? cpu_vec::load_bf16x16(p) : cpu_vec::maskz_load_bf16x16(live, p);
 }
 
-// 16 lanes of formula<kPass> on widened x and dy (either unused by the pass: zeros, not loaded).
+// 16 lanes of formula<kPass> on widened x[i..] and dy[i..] (a pointer the pass does not read may be
+// null: zeros, not loaded, no offset applied to it).
 template <Pass kPass>
 FUSEDREG_TARGET_AVX512BF16 FUSEDREG_ALWAYS_INLINE __m256i apply_bf16x16(__mmask16 live, bool full, const uint16_t* x,
-                                                                    const uint16_t* dy, __m512 m, __m512 a,
-                                                                    __m512 b, __m512 k) {
-  const __m512 xv = kPass != Pass::kBackwardEval ? load_bf16x16(live, full, x) : _mm512_setzero_ps();
-  const __m512 gv = kPass != Pass::kForward ? load_bf16x16(live, full, dy) : _mm512_setzero_ps();
+                                                                    const uint16_t* dy, int64_t i, __m512 m,
+                                                                    __m512 a, __m512 b, __m512 k) {
+  const __m512 xv = kPass != Pass::kBackwardEval ? load_bf16x16(live, full, x + i) : _mm512_setzero_ps();
+  const __m512 gv = kPass != Pass::kForward ? load_bf16x16(live, full, dy + i) : _mm512_setzero_ps();
   return cpu_vec::to_bf16x16_avx512bf16(formula<kPass>(xv, gv, m, a, b, k));
 }
 
@@ -48,12 +49,12 @@ FUSEDREG_TARGET_AVX512BF16 FUSEDREG_ALWAYS_INLINE void run_apply_bf16(const uint
   const __m512 vm = _mm512_set1_ps(m), va = _mm512_set1_ps(a), vb = _mm512_set1_ps(b), vk = _mm512_set1_ps(k);
   int64_t i = 0;
   for (; n - i >= 16; i += 16) {
-    const __m256i r = apply_bf16x16<kPass>(0xFFFF, true, x + i, dy + i, vm, va, vb, vk);
+    const __m256i r = apply_bf16x16<kPass>(0xFFFF, true, x, dy, i, vm, va, vb, vk);
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), r);
   }
   if (i < n) {
     const __mmask16 live = static_cast<__mmask16>((1u << (n - i)) - 1);
-    _mm256_mask_storeu_epi16(out + i, live, apply_bf16x16<kPass>(live, false, x + i, dy + i, vm, va, vb, vk));
+    _mm256_mask_storeu_epi16(out + i, live, apply_bf16x16<kPass>(live, false, x, dy, i, vm, va, vb, vk));
   }
 }
 
@@ -79,15 +80,13 @@ FUSEDREG_TARGET_AVX512BF16 void rows_apply_avx512bf16(const uint16_t* x, const u
   const __mmask16 tail = static_cast<__mmask16>((1u << (C % 16)) - 1);
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t base = r * C;
-    const uint16_t* xr = x ? x + base : nullptr;
-    const uint16_t* gr = dy ? dy + base : nullptr;
     for (int64_t c = 0; c < whole; c += 16) {
-      const __m256i v = apply_bf16x16<kPass>(0xFFFF, true, xr + c, gr + c, _mm512_loadu_ps(m + c),
+      const __m256i v = apply_bf16x16<kPass>(0xFFFF, true, x, dy, base + c, _mm512_loadu_ps(m + c),
                                              _mm512_loadu_ps(a + c), _mm512_loadu_ps(b + c), _mm512_loadu_ps(k + c));
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + base + c), v);
     }
     if (tail != 0) {
-      const __m256i v = apply_bf16x16<kPass>(tail, false, xr + whole, gr + whole, _mm512_maskz_loadu_ps(tail, m + whole),
+      const __m256i v = apply_bf16x16<kPass>(tail, false, x, dy, base + whole, _mm512_maskz_loadu_ps(tail, m + whole),
                                              _mm512_maskz_loadu_ps(tail, a + whole),
                                              _mm512_maskz_loadu_ps(tail, b + whole),
                                              _mm512_maskz_loadu_ps(tail, k + whole));

@@ -2,9 +2,9 @@
 
 Training forward is one fused op (statistics + normalize + affine + running-stat update in place);
 eval forward is one elementwise pass with the statistics from the running buffers: batch_norm_elemt
-fed eval_stats' [C] statistics, or on CPU one batch_norm_fwd call that computes them itself with the
-same torch ops (from Python, those three small ops cost ~40 us a call on the 2-core VM when a large
-op has just evicted the caches; the bits are the same either way). A call that autograd
+fed eval_stats' [C] statistics, or on CPU one batch_norm_fwd call that computes the same bits itself
+(from Python, eval_stats' three small ops cost ~40 us a call on the 2-core VM when a large op has
+just evicted the caches). A call that autograd
 would not record (no_grad, or nothing requiring a gradient) runs the ops directly, without the
 autograd Function's host cost. Backward is one fused op giving grad_input, grad_weight and
 grad_bias (only its reductions, batch_norm_bwd_reduce, when the input needs no gradient). Eval
@@ -75,8 +75,8 @@ def eval_stats(running_mean: torch.Tensor, running_var: torch.Tensor, eps: float
 def forward_values(input, weight, bias, running_mean, running_var, training, momentum, eps, backend):
     """(output, mean, invstd) of the forward of a dense `input` on a resolved backend: the fused
     training op, or in eval the normalization (batch_norm_elemt) with eval_stats' statistics. The
-    cpu library's batch_norm_fwd computes those statistics itself with the same torch ops (same
-    bits), so a CPU eval call is one op: no host round trip per [C]-sized step."""
+    cpu library's batch_norm_fwd computes those statistics' bits itself, so a CPU eval call is one
+    op: no host round trip per [C]-sized step."""
     if not training and (running_mean is None or running_var is None):
         raise RuntimeError("running_mean and running_var must be defined in evaluation mode")
     if training or backend == "cpu":
