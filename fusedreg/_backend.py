@@ -56,20 +56,17 @@ _ENV_VAR = "FUSEDREG_BACKEND"
 _ENV_KEY = os.environ.encodekey(_ENV_VAR) if _ENVIRON_DATA is not None else _ENV_VAR
 
 
-def _env_choice() -> str | None:
-    if _ENVIRON_DATA is None:
-        return os.environ.get(_ENV_VAR)
-    raw = _ENVIRON_DATA.get(_ENV_KEY)
-    return None if raw is None else os.environ.decodevalue(raw)
-
-
 def get_backend() -> str:
     """The backend the precedence rules name now, before looking at any tensor ("auto" if none)."""
     if _override_stack:
         return _override_stack[-1]
     if _global_choice is not None:
         return _global_choice
-    env = _env_choice()
+    if _ENVIRON_DATA is None:
+        env = os.environ.get(_ENV_VAR)
+    else:  # read inline: every op's call comes here, and a helper's frame costs host time too
+        raw = _ENVIRON_DATA.get(_ENV_KEY)
+        env = None if raw is None else os.environ.decodevalue(raw)
     return _check_name(env) if env else "auto"
 
 

@@ -48,6 +48,8 @@ def dense(input: torch.Tensor) -> torch.Tensor:
 def in_strides(grad: torch.Tensor, shape: torch.Size, stride: tuple[int, ...]) -> torch.Tensor:
     """`grad` with the given (dense) strides: a copy only when autograd handed over another
     layout (e.g. a contiguous grad for a channels_last output)."""
+    if grad.stride() == stride and grad.shape == shape:  # the common case, without the loop below
+        return grad
     # strides of size-1 dimensions are arbitrary and never change which element lives where
     if grad.shape == shape and all(sa == sb for n, sa, sb in zip(shape, grad.stride(), stride)
                                    if n != 1):
@@ -111,7 +113,8 @@ class BatchNormFunction(torch.autograd.Function):
     def forward(ctx, input, weight, bias, running_mean, running_var, training, momentum, eps,
                 backend=None):
         backend = _backend.select(input.device, backend)
-        input = dense(input)
+        if not is_dense(input):
+            input = input.contiguous()
         out, mean, invstd = forward_values(input, weight, bias, running_mean, running_var, training,
                                            momentum, eps, backend)
         ctx.frozen_eval = not training and not any(ctx.needs_input_grad[1:3])
@@ -130,32 +133,45 @@ class BatchNormFunction(torch.autograd.Function):
         return out
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_out):
-        input, weight, mean, invstd = ctx.saved_tensors
-        if ctx.frozen_eval:  # the statistics are constants: (dy - 0) * invstd * weight
-            grad_out = in_strides(grad_out, *ctx.layout)
-            grad_input = kernel("batch_norm_elemt", ctx.backend, reference)(
-                grad_out, weight, None, torch.zeros_like(invstd), invstd)
-            return grad_input, None, None, None, None, None, None, None, None
+        if torch.is_grad_enabled():  # create_graph: the result must refuse a second backward
+            return _backward_once(ctx, grad_out)
+        return _backward(ctx, grad_out)  # as once_differentiable, without its no_grad block
+
+
+def _backward(ctx, grad_out):
+    """BatchNormFunction's gradients, computed without recording (grad mode off)."""
+    input, weight, mean, invstd = ctx.saved_tensors
+    if ctx.frozen_eval:  # the statistics are constants: (dy - 0) * invstd * weight
+        grad_out = in_strides(grad_out, *ctx.layout)
+        grad_input = kernel("batch_norm_elemt", ctx.backend, reference)(
+            grad_out, weight, None, torch.zeros_like(invstd), invstd)
+        return grad_input, None, None, None, None, None, None, None, None
+    if grad_out.stride() != input.stride():  # autograd checked the shape
         grad_out = in_layout(grad_out, input)
-        if ctx.needs_input_grad[0]:
-            grad_input, grad_weight, grad_bias = kernel("batch_norm_bwd", ctx.backend, reference)(
-                grad_out, input, weight, mean, invstd, ctx.training)
-        else:  # parameters only: the reductions, without the pass that writes grad_input
-            grad_input = None
-            grad_bias, sum_dy_xmu = kernel("batch_norm_bwd_reduce", ctx.backend, reference)(
-                grad_out, input, mean)
-            grad_weight = sum_dy_xmu * invstd
-        if weight is None or not ctx.needs_input_grad[1]:
-            grad_weight = None
-        else:
-            grad_weight = grad_weight.to(weight.dtype)
-        if ctx.bias_dtype is None or not ctx.needs_input_grad[2]:
-            grad_bias = None
-        else:
-            grad_bias = grad_bias.to(ctx.bias_dtype)
-        return grad_input, grad_weight, grad_bias, None, None, None, None, None, None
+    needs_input, needs_weight, needs_bias = ctx.needs_input_grad[:3]
+    if needs_input:
+        grad_input, grad_weight, grad_bias = kernel("batch_norm_bwd", ctx.backend, reference)(
+            grad_out, input, weight, mean, invstd, ctx.training)
+    else:  # parameters only: the reductions, without the pass that writes grad_input
+        grad_input = None
+        grad_bias, sum_dy_xmu = kernel("batch_norm_bwd_reduce", ctx.backend, reference)(
+            grad_out, input, mean)
+        grad_weight = sum_dy_xmu * invstd
+    # [C] gradients in the parameters' dtypes (the kernels give the statistics dtype); the checks
+    # spare a call of .to() each, which costs a dispatch even when it returns its input
+    if weight is None or not needs_weight:
+        grad_weight = None
+    elif grad_weight.dtype != weight.dtype:
+        grad_weight = grad_weight.to(weight.dtype)
+    if ctx.bias_dtype is None or not needs_bias:
+        grad_bias = None
+    elif grad_bias.dtype != ctx.bias_dtype:
+        grad_bias = grad_bias.to(ctx.bias_dtype)
+    return grad_input, grad_weight, grad_bias, None, None, None, None, None, None
+
+
+_backward_once = once_differentiable(_backward)
 
 
 def verify_batch_size(input: torch.Tensor) -> None:
@@ -168,27 +184,41 @@ def verify_batch_size(input: torch.Tensor) -> None:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {size}")
 
 
-def check_args(input, running_mean, running_var, weight, bias, training, momentum, eps) -> None:
-    """F.batch_norm's argument checks with its messages (and exception types)."""
-    if input.dim() < 2:
-        raise RuntimeError(f"batch_norm expects an input of shape (N, C, *), got {tuple(input.shape)}")
+def check_args(input, running_mean, running_var, weight, bias, training, eps) -> None:
+    """F.batch_norm's argument checks with its messages (and exception types).
+
+    Written out check by check: every call runs them, and on a CPU whose caches a large op has just
+    evicted, each loop or helper call costs microseconds of host time."""
+    shape = input.shape
+    if len(shape) < 2:
+        raise RuntimeError(f"batch_norm expects an input of shape (N, C, *), got {tuple(shape)}")
+    channels = shape[1]
     if training:
-        verify_batch_size(input)
-    if training and eps <= 0.0:
-        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
-    elif eps < 0.0:
-        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
-    if training and (running_mean is None) != (running_var is None):
-        raise ValueError("running_mean and running_var must either both be None or neither be None")
-    channels = input.shape[1]
-    for name, t in (("running_mean", running_mean), ("running_var", running_var)):
-        if t is None and not training:
-            raise RuntimeError(f"{name} must be defined in evaluation mode")
-        if t is not None and t.numel() != channels:
-            raise RuntimeError(f"{name} should contain {channels} elements not {t.numel()}")
-    for name, t in (("weight", weight), ("bias", bias)):
-        if t is not None and t.numel() != channels:
-            raise RuntimeError(f"{name} should contain {channels} elements not {t.numel()}")
+        if input.numel() == channels:  # one value per channel (or no channels): count them
+            verify_batch_size(input)
+        if eps <= 0.0:
+            raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+        if (running_mean is None) != (running_var is None):
+            raise ValueError("running_mean and running_var must either both be None or neither be None")
+    else:
+        if eps < 0.0:
+            raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+        if running_mean is None:
+            raise RuntimeError("running_mean must be defined in evaluation mode")
+        if running_var is None:
+            raise RuntimeError("running_var must be defined in evaluation mode")
+    if running_mean is not None and running_mean.numel() != channels:
+        _wrong_size("running_mean", running_mean, channels)
+    if running_var is not None and running_var.numel() != channels:
+        _wrong_size("running_var", running_var, channels)
+    if weight is not None and weight.numel() != channels:
+        _wrong_size("weight", weight, channels)
+    if bias is not None and bias.numel() != channels:
+        _wrong_size("bias", bias, channels)
+
+
+def _wrong_size(name: str, t: torch.Tensor, channels: int):
+    raise RuntimeError(f"{name} should contain {channels} elements not {t.numel()}")
 
 
 def batch_norm(input: torch.Tensor, running_mean: torch.Tensor | None, running_var: torch.Tensor | None,
@@ -206,14 +236,15 @@ def batch_norm(input: torch.Tensor, running_mean: torch.Tensor | None, running_v
     if momentum is None and updates_stats and num_batches_tracked is None:
         raise TypeError("batch_norm(): momentum=None (cumulative average) needs the batch count: "
                         "pass num_batches_tracked=<integer tensor>")
-    check_args(input, running_mean, running_var, weight, bias, training,
-               0.0 if momentum is None else momentum, eps)
+    check_args(input, running_mean, running_var, weight, bias, training, eps)
     if num_batches_tracked is not None and updates_stats:
         num_batches_tracked.add_(1)
     if momentum is None:
         momentum = 1.0 / float(num_batches_tracked) if updates_stats else 0.0
     if not needs_grad(input, weight, bias):
-        return forward_values(dense(input), weight, bias, running_mean, running_var, bool(training), momentum,
+        if not is_dense(input):
+            input = input.contiguous()
+        return forward_values(input, weight, bias, running_mean, running_var, bool(training), momentum,
                               eps, _backend.select(input.device, backend))[0]
     return BatchNormFunction.apply(input, weight, bias, running_mean, running_var, bool(training),
                                    momentum, eps, backend)
