@@ -89,7 +89,7 @@ def _impls(graphable: bool) -> dict[str, Impl]:
         "torch AdamW(foreach=False)": Impl(_torch(foreach=False)),
         "torch AdamW(fused=True)": Impl(_torch(graphable, fused=True)),
         "torch.compile(AdamW.step)": Impl(_torch_compiled, devices=("cuda",), quick=False),
-        "reference (eager)": Impl(_fusedreg("reference", graphable), quick=False),
+        "reference (eager)": Impl(_fusedreg("reference", graphable), quick=False, paired=False),
     }
 
 

@@ -157,7 +157,7 @@ def _impls(wrap):
         "fusedreg[triton]": Impl(wrap(lambda: _fusedreg("triton")), devices=("cuda",)),
         "torch F.batch_norm": wrap(lambda: _torch),
         "torch.compile(F.batch_norm)": Impl(wrap(_compiled), devices=("cuda",), quick=False),
-        "reference (eager)": Impl(wrap(lambda: _fusedreg("reference")), quick=False),
+        "reference (eager)": Impl(wrap(lambda: _fusedreg("reference")), quick=False, paired=False),
     }
 
 

@@ -117,7 +117,7 @@ def _impls():
         "torch clip_grad_norm_(foreach=False)": _torch(False),
         # CUDA only: on the CPU, Inductor compiles C++ for every one of 1000 tensors (minutes)
         "torch.compile(clip_grad_norm_)": Impl(_torch_compiled, devices=("cuda",), quick=False),
-        "reference (eager)": Impl(_reference, quick=False),
+        "reference (eager)": Impl(_reference, quick=False, paired=False),
     }
 
 

@@ -49,7 +49,7 @@ def _impls(wrap):
                                  devices=("cuda",)),
         "torch nn.Dropout": lambda x: wrap(lambda t: F.dropout(t, P))(x),
         "torch.compile(F.dropout)": Impl(lambda x: _compiled(wrap, x), quick=("cuda",)),
-        "reference (eager)": Impl(lambda x: wrap(_reference_eager)(x), quick=False),
+        "reference (eager)": Impl(lambda x: wrap(_reference_eager)(x), quick=False, paired=False),
     }
 
 

@@ -2,9 +2,10 @@
 
 Per (case, dtype, size): the inputs are made once, each implementation's setup runs once and its
 callable once more (a failing implementation is recorded with its error and the run goes on;
-`Skip` marks one that does not apply here), then the callables are timed: on a CPU all together in
+`Skip` marks one that does not apply here), then the callables are timed: on a CPU together in
 interleaved rounds (timing.CpuTimer.time_interleaved), so that speed-ups are medians of paired
-per-round ratios, trustworthy on a machine other processes load; on a GPU one after the other
+per-round ratios, trustworthy on a machine other processes load (an eager reference, Impl.paired
+False, in rounds of its own: its speed-up is a ratio of medians); on a GPU one after the other
 (and, where the case asks, again as CUDA-graph replays, with their peak memory). Each result
 carries its q20..q80 band relative to the median, flagged when wider than timing.WIDE_BAND, and
 on a CPU the median page faults per call.
@@ -56,9 +57,10 @@ def _failure(exc: Exception) -> dict:
 
 
 def _measure_case(case, impls, inputs, device, timer, copy_gbps, bytes_moved) -> tuple[dict, dict]:
-    """(name -> result, name -> per-round samples in ms or None). Every implementation is set up
-    and called once on its own (so one that raises is recorded and left out); the rest are timed
-    together when the timer can interleave them (CPU), else one after the other."""
+    """(name -> result, name -> per-round samples in ms of the paired implementations, else None).
+    Every implementation is set up and called once on its own (so one that raises is recorded and
+    left out); the rest are timed together when the timer can interleave them (CPU: the paired
+    ones in one set of rounds, then the others in their own), else one after the other."""
     results, fns = {}, {}
     for name, impl in impls.items():
         try:
@@ -69,11 +71,16 @@ def _measure_case(case, impls, inputs, device, timer, copy_gbps, bytes_moved) ->
         else:
             fns[name] = fn
     samples: dict = {}
+    page_faults: dict = {}
     if fns and hasattr(timer, "time_interleaved"):
-        try:
-            samples = timer.time_interleaved(fns)
-        except Exception:  # a call that fails only sometimes: find it by timing them one by one
-            samples = {}
+        groups = ({n: f for n, f in fns.items() if impls[n].paired},
+                  {n: f for n, f in fns.items() if not impls[n].paired})
+        for group in filter(None, groups):
+            try:
+                samples.update(timer.time_interleaved(group))
+                page_faults.update(getattr(timer, "page_faults", {}))
+            except Exception:  # a call that fails only sometimes: find it by timing it on its own
+                pass
     for name, fn in fns.items():
         try:
             measured = quantiles(samples[name]) if name in samples else timer.time(fn)
@@ -81,7 +88,7 @@ def _measure_case(case, impls, inputs, device, timer, copy_gbps, bytes_moved) ->
             results[name] = _failure(exc)
             continue
         result = _result(measured, copy_gbps, bytes_moved)
-        faults = getattr(timer, "page_faults", {}).get(name) if name in samples else None
+        faults = page_faults.get(name) if name in samples else None
         if faults:
             result["page_faults_per_call"] = statistics.median(faults)
         if case.measure_memory:
@@ -98,7 +105,7 @@ def _measure_case(case, impls, inputs, device, timer, copy_gbps, bytes_moved) ->
                 result["graph_error"] = f"{type(exc).__name__}: {exc}"
         results[name] = result
     ordered = {name: results[name] for name in impls}
-    return ordered, {name: samples.get(name) for name in impls}
+    return ordered, {name: samples.get(name) if impls[name].paired else None for name in impls}
 
 
 def _ratios(impls: dict, subject: str | None, samples: dict | None = None) -> tuple[dict, dict]:

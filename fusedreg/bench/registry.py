@@ -71,10 +71,15 @@ class Impl:
     devices: where it runs (None: everywhere the case runs).
     quick: whether `--quick` runs it: True, False, or the devices on which it does (e.g.
     ("cuda",) for torch.compile, whose compile time per size would dominate a quick CPU run).
+    paired: on a CPU, whether it is timed in the same interleaved rounds as the subject, its
+    speed-up the median of per-round ratios (True), or in rounds of its own after them, its
+    speed-up the ratio of medians (False: an eager reference, many times slower, whose traffic
+    through memory would slow whichever implementation runs after it).
     """
     setup: Callable[[Any], Callable[[], Any]]
     devices: Sequence[str] | None = None
     quick: bool | Sequence[str] = True
+    paired: bool = True
 
     def runs_on(self, device: str, quick: bool) -> bool:
         if self.devices is not None and device not in self.devices:

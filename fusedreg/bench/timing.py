@@ -3,9 +3,10 @@
 CUDA: triton.testing.do_bench when importable (it flushes L2 before every repetition, so small
 sizes are not timed out of cache), else CUDA events with the same L2 flush. CPU: perf_counter
 around batches of calls, and `CpuTimer.time_interleaved` for a case's implementations together:
-rounds in which every implementation runs one batch, in an order rotated from round to round, so
-that a burst of load from other processes lands on subject and baselines alike and the ratio of
-each round's pair of times stays meaningful when the times themselves swing. All report the
+rounds in which every implementation runs one batch, in an order that changes from round to round
+(balanced_orders: each implementation runs right after each other one equally often), so that a
+burst of load from other processes lands on subject and baselines alike and the ratio of each
+round's pair of times stays meaningful when the times themselves swing. All report the
 median and the 20th/80th percentiles in ms. The CPU timer also counts the page faults of each
 batch (the process's minor faults, all threads): a call whose output lands on memory the allocator
 had handed back to the OS faults in every page afresh (~6,400 faults for 25 MiB, over a millisecond
@@ -33,6 +34,23 @@ __all__ = ["Measurement", "Timer", "make_timer", "peak_memory_bytes", "quantiles
 WIDE_BAND = 0.3
 # Interleaved rounds a measurement gets however slow its slowest implementation is.
 _MIN_ROUNDS = 5
+
+
+def balanced_orders(n: int) -> list[list[int]]:
+    """Orders of n implementations for successive rounds, a Williams design: over the list each
+    implementation runs right after each other one equally often (once for even n, twice for odd
+    n). What one call leaves behind (caches full of its data, threads parked or spinning) changes
+    the time of the next; a plain rotation makes the one listed first follow the one listed last
+    in most rounds, so a slow, memory-hungry baseline would slow the subject more than the others."""
+    first, low, high = [0], 1, n - 1  # 0, 1, n-1, 2, n-2, ...: successive differences all distinct
+    while len(first) < n:
+        first.append(low)
+        low += 1
+        if len(first) < n:
+            first.append(high)
+            high -= 1
+    orders = [[(i + shift) % n for i in first] for shift in range(n)]
+    return orders if n % 2 == 0 or n == 1 else orders + [order[::-1] for order in orders]
 
 
 @dataclass(frozen=True)
@@ -83,7 +101,7 @@ class CpuTimer(Timer):
 
     def time_interleaved(self, fns: dict[str, Callable[[], Any]]) -> dict[str, list[float]]:
         """Per-round times in ms of each callable, timed together: round r runs one batch of every
-        callable, starting at a different one each round. Samples of one round are aligned across
+        callable, in the order balanced_orders gives round r. Samples of one round are aligned across
         callables (index r), for paired ratios. Each callable gets about budget_s in all, at least
         min_samples rounds and at most max_samples."""
         names = list(fns)
@@ -101,8 +119,9 @@ class CpuTimer(Timer):
         deadline = time.perf_counter() + self.budget_s * len(names)
         samples: dict[str, list[float]] = {name: [] for name in names}
         self.page_faults = {name: [] for name in names}
+        orders = balanced_orders(len(names))
         for r in range(rounds):
-            for name in names[r % len(names):] + names[:r % len(names)]:
+            for name in (names[i] for i in orders[r % len(orders)]):
                 fn, reps = fns[name], inner[name]
                 faults = minor_page_faults()
                 start = time.perf_counter()
