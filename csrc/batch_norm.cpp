@@ -1,16 +1,18 @@
 // CPU ops of BatchNorm: fusedreg::batch_norm_fwd, _bwd, _stats, _elemt, _bwd_reduce, _bwd_elemt.
 //
 // Algorithm: every op is (per-channel reduction, batch_norm_stats.cpp) -> (per-channel
-// coefficients, O(C)) -> (one elementwise pass, here), in the layout of batch_norm.h
-// ((o * C + c) * inner + s). The elementwise pass runs at::parallel_for over the planes
+// coefficients, O(C)) -> (elementwise pass), in the layout of batch_norm.h ((o * C + c) * inner +
+// s). The elementwise pass (batch_norm_cpu_passes.h) runs at::parallel_for over the planes
 // (inner > 1) or the rows (inner == 1) with the coefficients of a channel loaded once per plane
-// (or kept as [C] arrays for rows: a vectorized inner loop over contiguous channels), the loops
-// compiled per instruction-set level (batch_norm_cpu_loops.h; batch_norm_cpu_isa.h picks one). All
-// arithmetic is fp32 (fp64 for double) and the order of every addition depends only on the shape
-// and layout, never on the thread count: results are bitwise reproducible.
+// (or kept as [C] arrays for rows: a vectorized inner loop over contiguous channels); the fused
+// training forward and backward walk a planes layout with enough channels channel by channel
+// instead (reductions, then the channel's elementwise pass from cache). The loops are compiled per
+// instruction-set level (batch_norm_cpu_loops.h; batch_norm_cpu_isa.h picks one). All arithmetic
+// is fp32 (fp64 for double) and the order of every addition depends only on the shape and layout,
+// never on the thread count: results are bitwise reproducible.
 //
-// Trade-off: two passes over the input for the statistics plus one for the output (cache-friendly
-// for the small per-channel slices CPUs see), for the reference's exact two-pass numerics.
+// Trade-off: two passes over each channel's values for the statistics plus one for the output
+// (cheap where a channel's slice stays in cache), for the reference's exact two-pass numerics.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -20,6 +22,7 @@
 
 #include "batch_norm.h"
 #include "batch_norm_cpu_isa.h"
+#include "batch_norm_cpu_passes.h"
 #include "common/cpu_isa.h"
 #include "common/dispatch.h"
 
@@ -28,37 +31,23 @@ namespace {
 
 using bn_cpu::Pass;
 
-// Per-channel coefficients of the elementwise pass (formulas: bn_cpu::formula):
-//   kForward:      out = (x - m) * a + b
-//   kBackward:     out = (dy - b - (x - m) * k) * a
-//   kBackwardEval: out = dy * a
-template <typename acc>
-struct Coefs {
-  std::vector<acc> m, a, b, k;
-  explicit Coefs(int64_t C) : m(C, acc(0)), a(C, acc(1)), b(C, acc(0)), k(C, acc(0)) {}
-};
+using bn_cpu::Coefs;
+using bn_cpu::elementwise;
 
-template <Pass kPass, typename scalar_t>
-void elementwise(const BatchNormOperands& ops, const Coefs<acc_t<scalar_t>>& co) {
-  const BatchNormLayout& L = ops.layout;
-  if (L.numel() == 0) return;
-  const int64_t C = L.channels;
-  const scalar_t* x = kPass != Pass::kBackwardEval ? ops.x.const_data_ptr<scalar_t>() : nullptr;
-  const scalar_t* dy = kPass != Pass::kForward ? ops.dy.const_data_ptr<scalar_t>() : nullptr;
-  scalar_t* out = ops.out.mutable_data_ptr<scalar_t>();
-  const CpuIsa isa = cpu_isa();
-  const auto *m = co.m.data(), *a = co.a.data(), *b = co.b.data(), *k = co.k.data();
-  if (L.inner > 1) {
-    at::parallel_for(0, L.outer * C, std::max<int64_t>(1, kCpuGrainElems / L.inner),
-                     [&](int64_t p_begin, int64_t p_end) {
-      bn_cpu::planes_apply<kPass>(isa, x, dy, out, L, p_begin, p_end, m, a, b, k);
-    });
-  } else {
-    at::parallel_for(0, L.outer, std::max<int64_t>(1, kCpuGrainElems / C), [&](int64_t r_begin, int64_t r_end) {
-      bn_cpu::rows_apply<kPass>(isa, x, dy, out, C, r_begin, r_end, m, a, b, k);
-    });
+// invstd and the running statistics' update of a channel from its batch moments (training).
+template <typename acc>
+struct BatchStats {
+  int64_t n;  // values per channel, > 0
+  acc eps, keep, mom;
+  acc* rm;  // running_mean and running_var work buffers, or nullptr
+  acc* rv;
+
+  void finish(int64_t c, const acc* mean, const acc* m2, acc* invstd) const {
+    invstd[c] = acc(1) / std::sqrt(m2[c] / static_cast<acc>(n) + eps);
+    if (rm) rm[c] = keep * rm[c] + mom * mean[c];
+    if (rv) rv[c] = keep * rv[c] + mom * (m2[c] / static_cast<acc>(n - 1));
   }
-}
+};
 
 template <typename acc>
 const acc* data_or_null(const at::Tensor& t) {
@@ -95,6 +84,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_fwd_cpu(
     acc* mean_p = mean.mutable_data_ptr<acc>();
     acc* invstd_p = invstd.mutable_data_ptr<acc>();
     const int64_t n = ops.layout.per_channel();
+    const acc* w_p = data_or_null<acc>(w);
+    const acc* b_p = data_or_null<acc>(b);
+    Coefs<acc> co(C);
     if (!training) {
       // The bits of the reference's 1 / torch.sqrt(running_var + eps), so that an eval forward is
       // bitwise batch_norm_elemt on the reference's statistics, whichever of the two ran it. The
@@ -116,24 +108,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_fwd_cpu(
       std::fill(invstd_p, invstd_p + C, acc(0));
     } else {
       std::vector<acc> m2(C);
-      channel_moments(ops.x.const_data_ptr<scalar_t>(), ops.layout, mean_p, m2.data());
-      const acc keep = static_cast<acc>(1.0 - momentum), mom = static_cast<acc>(momentum);
-      acc* rm = rmean.defined() ? rmean.work.mutable_data_ptr<acc>() : nullptr;
-      acc* rv = rvar.defined() ? rvar.work.mutable_data_ptr<acc>() : nullptr;
-      for (int64_t c = 0; c < C; ++c) {
-        invstd_p[c] = acc(1) / std::sqrt(m2[c] / static_cast<acc>(n) + static_cast<acc>(eps));
-        if (rm) rm[c] = keep * rm[c] + mom * mean_p[c];
-        if (rv) rv[c] = keep * rv[c] + mom * (m2[c] / static_cast<acc>(n - 1));
+      const BatchStats<acc> stats{n, static_cast<acc>(eps), static_cast<acc>(1.0 - momentum),
+                                  static_cast<acc>(momentum),
+                                  rmean.defined() ? rmean.work.mutable_data_ptr<acc>() : nullptr,
+                                  rvar.defined() ? rvar.work.mutable_data_ptr<acc>() : nullptr};
+      if (bn_cpu::by_channel(ops.layout)) {  // moments, then the channel's output from cache
+        const scalar_t* x = ops.x.const_data_ptr<scalar_t>();
+        const bn_cpu::Streams<Pass::kForward, scalar_t> streams(ops);
+        const CpuIsa isa = cpu_isa();
+        std::vector<acc> shift(C);
+        bn_cpu::for_each_channel(ops.layout, [&](int64_t c) {
+          planes_moments(x, ops.layout, c, c + 1, shift.data(), mean_p, m2.data());
+          stats.finish(c, mean_p, m2.data(), invstd_p);
+          co.set_forward(c, mean_p, invstd_p, w_p, b_p);
+          bn_cpu::apply_channel(isa, streams, ops.layout, co, c);
+        });
+        return;
       }
+      channel_moments(ops.x.const_data_ptr<scalar_t>(), ops.layout, mean_p, m2.data());
+      for (int64_t c = 0; c < C; ++c) stats.finish(c, mean_p, m2.data(), invstd_p);
     }
-    Coefs<acc> co(C);
-    const acc* w_p = data_or_null<acc>(w);
-    const acc* b_p = data_or_null<acc>(b);
-    for (int64_t c = 0; c < C; ++c) {
-      co.m[c] = mean_p[c];
-      co.a[c] = w_p ? invstd_p[c] * w_p[c] : invstd_p[c];
-      co.b[c] = b_p ? b_p[c] : acc(0);
-    }
+    for (int64_t c = 0; c < C; ++c) co.set_forward(c, mean_p, invstd_p, w_p, b_p);
     elementwise<Pass::kForward, scalar_t>(ops, co);
   });
   if (training) {  // eval never writes the running buffers, not even their own values back
@@ -143,7 +138,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_fwd_cpu(
   return {ops.out, mean, invstd};
 }
 
-// dx from the per-channel sums: (dy - mean_dy - (x - mean) * invstd^2 * mean_dy_xmu) * invstd * w
+// dx from the per-channel means: (dy - mean_dy - (x - mean) * invstd^2 * mean_dy_xmu) * invstd * w
 // in training, dy * invstd * w in eval (kBackwardEval never reads x).
 template <typename scalar_t>
 void grad_input_pass(const BatchNormOperands& ops, const at::Tensor& w, const acc_t<scalar_t>* mean,
@@ -153,19 +148,35 @@ void grad_input_pass(const BatchNormOperands& ops, const at::Tensor& w, const ac
   const int64_t C = ops.layout.channels;
   const acc* w_p = data_or_null<acc>(w);
   Coefs<acc> co(C);
-  for (int64_t c = 0; c < C; ++c) {
-    co.m[c] = mean[c];
-    co.a[c] = w_p ? invstd[c] * w_p[c] : invstd[c];
-    if (training) {
-      co.b[c] = mean_dy[c];
-      co.k[c] = invstd[c] * invstd[c] * mean_dy_xmu[c];
-    }
-  }
+  for (int64_t c = 0; c < C; ++c) co.set_backward(c, mean, invstd, w_p, mean_dy[c], mean_dy_xmu[c], training);
   if (training) {
     elementwise<Pass::kBackward, scalar_t>(ops, co);
   } else {
     elementwise<Pass::kBackwardEval, scalar_t>(ops, co);
   }
+}
+
+// batch_norm_bwd of a by_channel layout: per channel, the sums, grad_weight and grad_bias, then the
+// channel's grad_input while its slices of x and dy are in cache; the bits of the whole-tensor passes.
+template <Pass kPass, typename scalar_t>
+void backward_by_channel(const BatchNormOperands& ops, const at::Tensor& w, const acc_t<scalar_t>* mean,
+                         const acc_t<scalar_t>* invstd, acc_t<scalar_t>* gw, acc_t<scalar_t>* gb) {
+  using acc = acc_t<scalar_t>;
+  const BatchNormLayout& L = ops.layout;
+  const acc n = static_cast<acc>(L.per_channel());
+  const acc* w_p = data_or_null<acc>(w);
+  const scalar_t* x = ops.x.const_data_ptr<scalar_t>();
+  const scalar_t* dy = ops.dy.const_data_ptr<scalar_t>();
+  const bn_cpu::Streams<kPass, scalar_t> streams(ops);
+  const CpuIsa isa = cpu_isa();
+  Coefs<acc> co(L.channels);
+  bn_cpu::for_each_channel(L, [&](int64_t c) {
+    planes_grad_sums(dy, x, L, c, c + 1, mean, gb, gw);
+    const acc mean_dy = gb[c] / n, mean_dy_xmu = gw[c] / n;
+    gw[c] *= invstd[c];
+    co.set_backward(c, mean, invstd, w_p, mean_dy, mean_dy_xmu, kPass == Pass::kBackward);
+    bn_cpu::apply_channel(isa, streams, L, co, c);
+  });
 }
 
 // Contract: returns (grad_input laid out as empty_like(input) in input's dtype, grad_weight,
@@ -192,9 +203,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_bwd_cpu(
     const acc* invstd_p = is.const_data_ptr<acc>();
     acc* gw = grad_weight.mutable_data_ptr<acc>();
     acc* gb = grad_bias.mutable_data_ptr<acc>();
+    const int64_t n = ops.layout.per_channel();
+    if (bn_cpu::by_channel(ops.layout)) {  // n > 0
+      if (training) {
+        backward_by_channel<Pass::kBackward, scalar_t>(ops, w, mean_p, invstd_p, gw, gb);
+      } else {
+        backward_by_channel<Pass::kBackwardEval, scalar_t>(ops, w, mean_p, invstd_p, gw, gb);
+      }
+      return;
+    }
     channel_grad_sums(ops.dy.const_data_ptr<scalar_t>(), ops.x.const_data_ptr<scalar_t>(), ops.layout,
                       mean_p, gb, gw);  // gw holds sum(dy * (x - mean)) until scaled below
-    const int64_t n = ops.layout.per_channel();
     std::vector<acc> mean_dy(C, acc(0)), mean_dy_xmu(C, acc(0));
     for (int64_t c = 0; c < C; ++c) {
       if (n > 0) {
@@ -247,11 +266,7 @@ at::Tensor batch_norm_elemt_cpu(const at::Tensor& input, const std::optional<at:
     const acc *w_p = data_or_null<acc>(w), *b_p = data_or_null<acc>(b);
     const acc *m_p = m.const_data_ptr<acc>(), *is_p = is.const_data_ptr<acc>();
     Coefs<acc> co(C);
-    for (int64_t c = 0; c < C; ++c) {
-      co.m[c] = m_p[c];
-      co.a[c] = w_p ? is_p[c] * w_p[c] : is_p[c];
-      co.b[c] = b_p ? b_p[c] : acc(0);
-    }
+    for (int64_t c = 0; c < C; ++c) co.set_forward(c, m_p, is_p, w_p, b_p);
     elementwise<Pass::kForward, scalar_t>(ops, co);
   });
   return ops.out;

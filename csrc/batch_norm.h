@@ -161,4 +161,14 @@ template <typename scalar_t>
 void channel_grad_sums(const scalar_t* dy, const scalar_t* x, const BatchNormLayout& L,
                        const acc_t<scalar_t>* mean, acc_t<scalar_t>* sum_dy, acc_t<scalar_t>* sum_dy_xmu);
 
+// The same for channels [c0, c1) of a planes layout (inner > 1, numel > 0), on the calling thread,
+// with the bits the whole-tensor functions give them: for passes that walk channel by channel
+// (batch_norm.cpp). Arrays are [C], indexed by channel; shift is scratch.
+template <typename scalar_t>
+void planes_moments(const scalar_t* x, const BatchNormLayout& L, int64_t c0, int64_t c1,
+                    acc_t<scalar_t>* shift, acc_t<scalar_t>* mean, acc_t<scalar_t>* m2);
+template <typename scalar_t>
+void planes_grad_sums(const scalar_t* dy, const scalar_t* x, const BatchNormLayout& L, int64_t c0, int64_t c1,
+                      const acc_t<scalar_t>* mean, acc_t<scalar_t>* sum_dy, acc_t<scalar_t>* sum_dy_xmu);
+
 }  // namespace fusedreg

@@ -12,8 +12,6 @@
 #pragma once
 
 #include <cstdint>
-#include <cstring>
-#include <type_traits>
 
 #include "batch_norm_cpu_loops.h"
 

@@ -58,13 +58,13 @@ FUSEDREG_TARGET_AVX512BF16 FUSEDREG_ALWAYS_INLINE void run_apply_bf16(const uint
   }
 }
 
-// Planes [p0, p1) of a planes layout (planes_apply_impl).
+// Planes p0, p0 + step, ... below p1 of a planes layout (planes_apply_impl).
 template <Pass kPass>
 FUSEDREG_TARGET_AVX512BF16 void planes_apply_avx512bf16(const uint16_t* x, const uint16_t* dy, uint16_t* out,
                                                         const BatchNormLayout* L, int64_t p0, int64_t p1,
-                                                        const float* m, const float* a, const float* b,
-                                                        const float* k) {
-  for (int64_t p = p0; p < p1; ++p) {
+                                                        int64_t step, const float* m, const float* a,
+                                                        const float* b, const float* k) {
+  for (int64_t p = p0; p < p1; p += step) {
     const int64_t c = p % L->channels;
     const int64_t e = p * L->inner;
     run_apply_bf16<kPass>(x ? x + e : nullptr, dy ? dy + e : nullptr, out + e, L->inner, m[c], a[c], b[c], k[c]);

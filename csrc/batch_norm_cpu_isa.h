@@ -43,12 +43,14 @@ FUSEDREG_ALWAYS_INLINE void rows_sum_impl(const scalar_t* x, const scalar_t* dy,
   rows_sum_loop<kBytes, kTerm>(x, dy, C, r0, r1, m, part);
 }
 
+// Planes p0, p0 + step, ... below p1 of a planes layout (step 1: a run of planes; step C: one
+// channel's planes).
 template <int kBytes, Pass kPass, typename scalar_t>
 FUSEDREG_ALWAYS_INLINE void planes_apply_impl(const scalar_t* x, const scalar_t* dy, scalar_t* out,
-                                              const BatchNormLayout* L, int64_t p0, int64_t p1,
+                                              const BatchNormLayout* L, int64_t p0, int64_t p1, int64_t step,
                                               const acc_t<scalar_t>* m, const acc_t<scalar_t>* a,
                                               const acc_t<scalar_t>* b, const acc_t<scalar_t>* k) {
-  for (int64_t p = p0; p < p1; ++p) {
+  for (int64_t p = p0; p < p1; p += step) {
     const int64_t c = p % L->channels;
     const int64_t e = p * L->inner;
     run_apply<kPass>(x ? x + e : nullptr, dy ? dy + e : nullptr, out + e, L->inner, m[c], a[c], b[c], k[c]);
@@ -74,9 +76,9 @@ FUSEDREG_BN_ISA_ENTRY(rows_sum, Term kTerm FUSEDREG_BN_COMMA typename scalar_t, 
                       (x, dy, C, r0, r1, m, part))
 FUSEDREG_BN_ISA_ENTRY(planes_apply, Pass kPass FUSEDREG_BN_COMMA typename scalar_t, kPass FUSEDREG_BN_COMMA scalar_t,
                       (const scalar_t* x, const scalar_t* dy, scalar_t* out, const BatchNormLayout* L, int64_t p0,
-                       int64_t p1, const acc_t<scalar_t>* m, const acc_t<scalar_t>* a, const acc_t<scalar_t>* b,
-                       const acc_t<scalar_t>* k),
-                      (x, dy, out, L, p0, p1, m, a, b, k))
+                       int64_t p1, int64_t step, const acc_t<scalar_t>* m, const acc_t<scalar_t>* a,
+                       const acc_t<scalar_t>* b, const acc_t<scalar_t>* k),
+                      (x, dy, out, L, p0, p1, step, m, a, b, k))
 FUSEDREG_BN_ISA_ENTRY(rows_apply, Pass kPass FUSEDREG_BN_COMMA typename scalar_t, kPass FUSEDREG_BN_COMMA scalar_t,
                       (const scalar_t* x, const scalar_t* dy, scalar_t* out, int64_t C, int64_t r0, int64_t r1,
                        const acc_t<scalar_t>* m, const acc_t<scalar_t>* a, const acc_t<scalar_t>* b,
@@ -107,18 +109,18 @@ void rows_sum(CpuIsa isa, const scalar_t* x, const scalar_t* dy, int64_t C, int6
 
 template <Pass kPass, typename scalar_t>
 void planes_apply(CpuIsa isa, const scalar_t* x, const scalar_t* dy, scalar_t* out, const BatchNormLayout& L,
-                  int64_t p0, int64_t p1, const acc_t<scalar_t>* m, const acc_t<scalar_t>* a,
+                  int64_t p0, int64_t p1, int64_t step, const acc_t<scalar_t>* m, const acc_t<scalar_t>* a,
                   const acc_t<scalar_t>* b, const acc_t<scalar_t>* k) {
 #if FUSEDREG_X86_SIMD
   if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
     if (isa == CpuIsa::kAvx512 && cpu_has_avx512bf16()) {
       return planes_apply_avx512bf16<kPass>(reinterpret_cast<const uint16_t*>(x),
                                             reinterpret_cast<const uint16_t*>(dy), reinterpret_cast<uint16_t*>(out),
-                                            &L, p0, p1, m, a, b, k);
+                                            &L, p0, p1, step, m, a, b, k);
     }
   }
 #endif
-  FUSEDREG_BN_CALL_AT(isa, planes_apply, kPass, scalar_t)(x, dy, out, &L, p0, p1, m, a, b, k);
+  FUSEDREG_BN_CALL_AT(isa, planes_apply, kPass, scalar_t)(x, dy, out, &L, p0, p1, step, m, a, b, k);
 }
 
 template <Pass kPass, typename scalar_t>

@@ -11,9 +11,11 @@
 //   channels: vectorized), and the partials are then summed pairwise in block order.
 // Statistics are two-pass and shifted: mean = shift + sum(x - shift) / n with shift = the channel's
 // first value, then m2 = sum((x - mean)^2), so neither a large mean nor cancellation hurts. In the
-// rows layout the two passes run per block of rows while the block is in cache, and the blocks'
-// (sum, m2 about the block's center) are combined exactly (rows_moments): one pass over memory. The
-// order of every addition depends only on the shape and layout, never on the thread count.
+// planes layout a channel's two passes run back to back (planes_moments), the second reading the
+// channel's slice from cache where it fits; in the rows layout they run per block of rows while
+// the block is in cache, and the blocks' (sum, m2 about the block's center) are combined exactly
+// (rows_moments): one pass over memory either way. The order of every addition depends only on the
+// shape and layout, never on the thread count.
 //
 // The loops themselves are compiled per instruction-set level (AVX-512 / AVX2 / SSE2, picked at run
 // time by cpu_isa()) and widen bf16 with a shift, so bf16 and channels_last reductions run at
@@ -165,20 +167,44 @@ void channel_moments(const scalar_t* x, const BatchNormLayout& L, acc_t<scalar_t
                      acc_t<scalar_t>* m2) {
   using acc = acc_t<scalar_t>;
   const int64_t C = L.channels;
-  const acc n = static_cast<acc>(L.per_channel());
-  std::vector<acc> shift(C, acc(0));
-  if (L.numel() > 0) {
-    for (int64_t c = 0; c < C; ++c) shift[c] = static_cast<acc>(x[c * L.inner]);  // o = s = 0
+  if (L.numel() == 0) {
+    std::fill(mean, mean + C, acc(0));
+    std::fill(m2, m2 + C, acc(0));
+    return;
   }
-  if (L.inner == 1 && L.numel() > 0) {
+  std::vector<acc> shift(C);
+  if (L.inner == 1) {
+    for (int64_t c = 0; c < C; ++c) shift[c] = static_cast<acc>(x[c]);  // row 0
     rows_moments(x, L, shift.data(), mean, m2);
     return;
   }
+  at::parallel_for(0, C, std::max<int64_t>(1, kCpuGrainElems / L.per_channel()), [&](int64_t c0, int64_t c1) {
+    planes_moments(x, L, c0, c1, shift.data(), mean, m2);
+  });
+}
+
+template <typename scalar_t>
+void planes_moments(const scalar_t* x, const BatchNormLayout& L, int64_t c0, int64_t c1,
+                    acc_t<scalar_t>* shift, acc_t<scalar_t>* mean, acc_t<scalar_t>* m2) {
+  using acc = acc_t<scalar_t>;
+  const CpuIsa isa = cpu_isa();
+  const acc n = static_cast<acc>(L.per_channel());
   acc* sums[1] = {mean};
-  reduce_channels<Term::kShifted>(x, static_cast<const scalar_t*>(nullptr), L, shift.data(), sums);
-  for (int64_t c = 0; c < C; ++c) mean[c] = L.numel() > 0 ? shift[c] + mean[c] / n : acc(0);
   acc* squares[1] = {m2};
-  reduce_channels<Term::kSquares>(x, static_cast<const scalar_t*>(nullptr), L, mean, squares);
+  const scalar_t* no_dy = nullptr;
+  for (int64_t c = c0; c < c1; ++c) {
+    shift[c] = static_cast<acc>(x[c * L.inner]);  // o = s = 0
+    bn_cpu::channels_sum<Term::kShifted>(isa, x, no_dy, L, c, c + 1, shift, sums);
+    mean[c] = shift[c] + mean[c] / n;
+    bn_cpu::channels_sum<Term::kSquares>(isa, x, no_dy, L, c, c + 1, mean, squares);
+  }
+}
+
+template <typename scalar_t>
+void planes_grad_sums(const scalar_t* dy, const scalar_t* x, const BatchNormLayout& L, int64_t c0, int64_t c1,
+                      const acc_t<scalar_t>* mean, acc_t<scalar_t>* sum_dy, acc_t<scalar_t>* sum_dy_xmu) {
+  acc_t<scalar_t>* outs[2] = {sum_dy, sum_dy_xmu};
+  bn_cpu::channels_sum<Term::kGrad>(cpu_isa(), x, dy, L, c0, c1, mean, outs);
 }
 
 template <typename scalar_t>
@@ -193,7 +219,11 @@ void channel_grad_sums(const scalar_t* dy, const scalar_t* x, const BatchNormLay
   template void channel_moments<scalar_t>(const scalar_t*, const BatchNormLayout&, acc_t<scalar_t>*,        \
                                           acc_t<scalar_t>*);                                                \
   template void channel_grad_sums<scalar_t>(const scalar_t*, const scalar_t*, const BatchNormLayout&,       \
-                                            const acc_t<scalar_t>*, acc_t<scalar_t>*, acc_t<scalar_t>*);
+                                            const acc_t<scalar_t>*, acc_t<scalar_t>*, acc_t<scalar_t>*);     \
+  template void planes_moments<scalar_t>(const scalar_t*, const BatchNormLayout&, int64_t, int64_t,         \
+                                         acc_t<scalar_t>*, acc_t<scalar_t>*, acc_t<scalar_t>*);             \
+  template void planes_grad_sums<scalar_t>(const scalar_t*, const scalar_t*, const BatchNormLayout&, int64_t, \
+                                           int64_t, const acc_t<scalar_t>*, acc_t<scalar_t>*, acc_t<scalar_t>*);
 FUSEDREG_BN_CPU_REDUCTIONS(double)
 FUSEDREG_BN_CPU_REDUCTIONS(float)
 FUSEDREG_BN_CPU_REDUCTIONS(at::Half)

@@ -4,6 +4,8 @@
   whole channel, also with a large mean and a first value (the shift) far from it;
 - bfloat16's elementwise passes (at the AVX-512 level with AVX512_BF16, loops of their own) compute
   the float32 passes' values rounded as c10 rounds, denormals and NaN included;
+- the fused training forward and backward of a planes layout (NCHW) with several channels per
+  thread walk it channel by channel; with fewer channels, whole-tensor passes: the same bits;
 - fusedreg.batch_norm with nothing for autograd to record runs without the autograd Function: the
   same output and running statistics, no graph, and torch.compile still traces it whole."""
 import pytest
@@ -127,3 +129,34 @@ def test_compiled_call_without_grad_matches_eager():
             assert torch.equal(compiled(x, w, b, *compiled_buffers, training),
                                _call(x, w, b, *eager_buffers, training))
             assert all(torch.equal(c, e) for c, e in zip(compiled_buffers, eager_buffers))
+
+
+@pytest.mark.parametrize("level", LEVELS, indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_channel_walk_and_whole_tensor_passes_give_the_same_bits(level, dtype):
+    """16 channels of 4,096 values or more: walked channel by channel at 1 and 2 threads (at least
+    4 channels per thread), by whole-tensor passes at 5 threads (fewer): every output, the running
+    statistics included, bitwise equal, in training and eval."""
+    gen = torch.Generator().manual_seed(11)
+    x = (torch.randn(3, 16, 37, 41, generator=gen) * 3 + torch.linspace(-5, 5, 16).view(16, 1, 1)).to(dtype)
+    dy = torch.randn(3, 16, 37, 41, generator=gen).to(dtype)
+    sdt = torch.float64 if dtype == torch.float64 else torch.float32
+    w, b = torch.rand(16, generator=gen, dtype=sdt) + 0.5, torch.randn(16, generator=gen, dtype=sdt)
+    rm, rv = torch.randn(16, generator=gen, dtype=sdt), torch.rand(16, generator=gen, dtype=sdt) + 0.5
+    threads = torch.get_num_threads()
+
+    def outputs(n_threads, training):
+        torch.set_num_threads(n_threads)
+        try:
+            running = (rm.clone(), rv.clone())
+            out, mean, invstd = torch.ops.fusedreg.batch_norm_fwd(x, w, b, *running, training, 0.1, 1e-5)
+            grads = torch.ops.fusedreg.batch_norm_bwd(dy, x, w, mean, invstd, training)
+            return (out, mean, invstd, *running, *grads)
+        finally:
+            torch.set_num_threads(threads)
+
+    for training in (True, False):
+        whole = outputs(5, training)
+        for n_threads in (1, 2):
+            walked = outputs(n_threads, training)
+            assert all(torch.equal(a, b) for a, b in zip(walked, whole)), (training, n_threads)
