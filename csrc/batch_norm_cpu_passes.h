@@ -14,10 +14,10 @@
 // large channels (kMinChannelValues); otherwise the whole-tensor passes run.
 #pragma once
 
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
-#include <vector>
 
 #include "batch_norm.h"
 #include "batch_norm_cpu_isa.h"
@@ -30,10 +30,27 @@ namespace bn_cpu {
 //   kForward:      out = (x - m) * a + b
 //   kBackward:     out = (dy - b - (x - m) * k) * a
 //   kBackwardEval: out = dy * a
+// The four [C] arrays live in one buffer from c10's CPU allocator (64-byte aligned), each starting
+// on a cache line, so that no vector load of coefficients straddles two lines: with malloc's
+// 16-byte alignment every 512-bit load did, and the channels_last elementwise pass out of cache
+// ran 1.3-1.7x slower at the AVX-512 level ([25088, 256] float32 eval: 1.70 ms, aligned 1.25,
+// torch 1.32).
 template <typename acc>
 struct Coefs {
-  std::vector<acc> m, a, b, k;
-  explicit Coefs(int64_t C) : m(C, acc(0)), a(C, acc(1)), b(C, acc(0)), k(C, acc(0)) {}
+  at::Tensor storage;
+  acc *m, *a, *b, *k;
+  explicit Coefs(int64_t C) {
+    const int64_t stride = (C + 15) / 16 * 16;  // 64 bytes of float, 128 of double
+    storage = at::empty({4 * stride}, at::TensorOptions().dtype(c10::CppTypeToScalarType<acc>::value));
+    m = storage.mutable_data_ptr<acc>();
+    a = m + stride;
+    b = a + stride;
+    k = b + stride;
+    std::fill(m, m + C, acc(0));
+    std::fill(a, a + C, acc(1));
+    std::fill(b, b + C, acc(0));
+    std::fill(k, k + C, acc(0));
+  }
 
   // Normalization by (mean, invstd), then weight and bias (nullptr: 1 and 0).
   void set_forward(int64_t c, const acc* mean, const acc* invstd, const acc* w, const acc* bias) {
@@ -75,7 +92,7 @@ void elementwise(const BatchNormOperands& ops, const Coefs<acc_t<scalar_t>>& co)
   const int64_t C = L.channels;
   const Streams<kPass, scalar_t> s(ops);
   const CpuIsa isa = cpu_isa();
-  const auto *m = co.m.data(), *a = co.a.data(), *b = co.b.data(), *k = co.k.data();
+  const acc_t<scalar_t> *m = co.m, *a = co.a, *b = co.b, *k = co.k;
   if (L.inner > 1) {
     at::parallel_for(0, L.outer * C, std::max<int64_t>(1, kCpuGrainElems / L.inner),
                      [&](int64_t p_begin, int64_t p_end) {
@@ -113,8 +130,7 @@ void for_each_channel(const BatchNormLayout& L, const F& channel_fn) {
 template <Pass kPass, typename scalar_t>
 void apply_channel(CpuIsa isa, const Streams<kPass, scalar_t>& s, const BatchNormLayout& L,
                    const Coefs<acc_t<scalar_t>>& co, int64_t c) {
-  planes_apply<kPass>(isa, s.x, s.dy, s.out, L, c, L.outer * L.channels, L.channels, co.m.data(), co.a.data(),
-                      co.b.data(), co.k.data());
+  planes_apply<kPass>(isa, s.x, s.dy, s.out, L, c, L.outer * L.channels, L.channels, co.m, co.a, co.b, co.k);
 }
 
 }  // namespace bn_cpu

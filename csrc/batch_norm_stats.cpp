@@ -39,6 +39,14 @@ namespace {
 using bn_cpu::Term;
 
 constexpr int64_t kCascadeBase = 1024;
+
+// n zeros of acc from c10's CPU allocator, 64-byte aligned: [C] rows of the rows layout's partials,
+// centers and shifts, walked a vector at a time, then start on a cache line wherever C is a multiple
+// of the vector width (malloc's 16-byte alignment made every 512-bit access straddle two lines).
+template <typename acc>
+at::Tensor aligned_zeros(int64_t n) {
+  return at::zeros({n}, at::TensorOptions().dtype(c10::CppTypeToScalarType<acc>::value));
+}
 constexpr int64_t kRowsPerBlock = 64;
 
 // out[k * n + j] = sum over blocks b in [begin, end) of partials[(b * K + k) * C + c0 + j], for the
@@ -86,7 +94,8 @@ void reduce_channels(const scalar_t* x, const scalar_t* dy, const BatchNormLayou
   }
   const int64_t rows = L.outer;
   const int64_t blocks = (rows + kRowsPerBlock - 1) / kRowsPerBlock;
-  std::vector<acc> partials(blocks * K * C, acc(0));  // [block][k][c]
+  const at::Tensor partials_buffer = aligned_zeros<acc>(blocks * K * C);
+  acc* partials = partials_buffer.mutable_data_ptr<acc>();  // [block][k][c]
   at::parallel_for(0, blocks, std::max<int64_t>(1, kCpuGrainElems / (kRowsPerBlock * C)),
                    [&](int64_t b_begin, int64_t b_end) {
     for (int64_t b = b_begin; b < b_end; ++b) {
@@ -97,7 +106,7 @@ void reduce_channels(const scalar_t* x, const scalar_t* dy, const BatchNormLayou
   at::parallel_for(0, C, std::max<int64_t>(1, kCpuGrainElems / blocks), [&](int64_t c_begin, int64_t c_end) {
     const int64_t n = c_end - c_begin;
     std::vector<acc> total(K * n);
-    cascade_columns<K>(partials.data(), C, 0, blocks, c_begin, n, total.data());
+    cascade_columns<K>(partials, C, 0, blocks, c_begin, n, total.data());
     for (int k = 0; k < K; ++k) std::copy(total.begin() + k * n, total.begin() + (k + 1) * n, out[k] + c_begin);
   });
 }
@@ -117,8 +126,9 @@ void rows_moments(const scalar_t* x, const BatchNormLayout& L, const acc_t<scala
   const CpuIsa isa = cpu_isa();
   const int64_t C = L.channels, rows = L.outer;
   const int64_t blocks = (rows + kRowsPerBlock - 1) / kRowsPerBlock;
-  std::vector<acc> partials(blocks * 2 * C, acc(0));  // [block][S_b, then Q_b][c]
-  std::vector<acc> centers(blocks * C);              // c_b
+  const at::Tensor buffer = aligned_zeros<acc>(blocks * 3 * C);
+  acc* partials = buffer.mutable_data_ptr<acc>();  // [block][S_b, then Q_b][c]
+  acc* centers = partials + blocks * 2 * C;         // [block][c]: c_b
   at::parallel_for(0, blocks, std::max<int64_t>(1, kCpuGrainElems / (kRowsPerBlock * C)),
                    [&](int64_t b_begin, int64_t b_end) {
     for (int64_t b = b_begin; b < b_end; ++b) {
@@ -135,7 +145,7 @@ void rows_moments(const scalar_t* x, const BatchNormLayout& L, const acc_t<scala
   at::parallel_for(0, C, std::max<int64_t>(1, kCpuGrainElems / blocks), [&](int64_t c_begin, int64_t c_end) {
     const int64_t width = c_end - c_begin;
     std::vector<acc> total(2 * width), d(width);
-    cascade_columns<2>(partials.data(), C, 0, blocks, c_begin, width, total.data());
+    cascade_columns<2>(partials, C, 0, blocks, c_begin, width, total.data());
     for (int64_t j = 0; j < width; ++j) d[j] = total[j] / n;
     std::vector<acc> terms(blocks * 2 * width, acc(0));  // [block][unused, term][j], as partials
     for (int64_t b = 0; b < blocks; ++b) {
@@ -172,14 +182,15 @@ void channel_moments(const scalar_t* x, const BatchNormLayout& L, acc_t<scalar_t
     std::fill(m2, m2 + C, acc(0));
     return;
   }
-  std::vector<acc> shift(C);
+  const at::Tensor shift_buffer = aligned_zeros<acc>(C);
+  acc* shift = shift_buffer.mutable_data_ptr<acc>();
   if (L.inner == 1) {
     for (int64_t c = 0; c < C; ++c) shift[c] = static_cast<acc>(x[c]);  // row 0
-    rows_moments(x, L, shift.data(), mean, m2);
+    rows_moments(x, L, shift, mean, m2);
     return;
   }
   at::parallel_for(0, C, std::max<int64_t>(1, kCpuGrainElems / L.per_channel()), [&](int64_t c0, int64_t c1) {
-    planes_moments(x, L, c0, c1, shift.data(), mean, m2);
+    planes_moments(x, L, c0, c1, shift, mean, m2);
   });
 }
 
