@@ -10,6 +10,17 @@ from fusedreg.bench import harness, registry
 from fusedreg.bench.timing import CpuTimer, balanced_orders
 
 
+def recorder(calls):
+    """call(name): a callable that appends name to calls and takes longer than a timer batch
+    (~100 us), so each round runs it exactly once."""
+    def call(name):
+        def fn():
+            calls.append(name)
+            time.sleep(2e-4)
+        return fn
+    return call
+
+
 @pytest.mark.skipif(sys.platform != "linux", reason="minor page faults as Linux counts them")
 def test_interleaved_timing_counts_page_faults_per_call_and_lists_the_faulting(tmp_path):
     """A callable touching fresh anonymous memory on every call (as an output tensor does when the
@@ -17,8 +28,7 @@ def test_interleaved_timing_counts_page_faults_per_call_and_lists_the_faulting(t
     one reusing its buffer at none; the table lists the first only."""
     import mmap
 
-    from fusedreg.bench import harness, report
-    from fusedreg.bench.timing import CpuTimer
+    from fusedreg.bench import report
 
     pages = 512
     kept = bytearray(pages * mmap.PAGESIZE)
@@ -54,16 +64,10 @@ def test_interleaved_timing_counts_page_faults_per_call_and_lists_the_faulting(t
 def test_interleaved_timing_pairs_rounds_and_flags_wide_bands(monkeypatch):
     """The CPU timer runs every implementation once per round, in an order that alternates; the
     harness's ratios are medians of per-round ratios, so load that slows one round slows both sides."""
-    from fusedreg.bench import harness, report
-    from fusedreg.bench.timing import CpuTimer
+    from fusedreg.bench import report
 
     calls = []
-
-    def call(name):
-        def fn():
-            calls.append(name)
-            time.sleep(2e-4)  # longer than a batch: one call per round
-        return fn
+    call = recorder(calls)
 
     timer = CpuTimer(budget_s=0.0, min_samples=4, max_samples=4)
     samples = timer.time_interleaved({"a": call("a"), "b": call("b")})
@@ -121,12 +125,7 @@ def test_balanced_orders_let_each_implementation_follow_each_other_equally_often
 
 def test_interleaved_rounds_follow_the_balanced_orders():
     calls = []
-
-    def call(name):
-        def fn():
-            calls.append(name)
-            time.sleep(2e-4)  # longer than a batch: one call per round
-        return fn
+    call = recorder(calls)
 
     rounds = 6
     timer = CpuTimer(budget_s=10.0, min_samples=rounds, max_samples=rounds)
@@ -141,15 +140,9 @@ def test_an_unpaired_reference_is_timed_after_the_paired_rounds_and_compared_by_
     rounds, so its traffic through memory cannot slow one of them; its speed-up is the ratio of
     medians, without a band."""
     calls = []
-
-    def setup(name):
-        def fn():
-            calls.append(name)
-            time.sleep(2e-4)
-        return lambda inputs: fn
-
-    impls = {"subject": registry.Impl(setup("subject")), "torch": registry.Impl(setup("torch")),
-             "reference": registry.Impl(setup("reference"), paired=False)}
+    call = recorder(calls)
+    impls = {name: registry.Impl(lambda inputs, fn=call(name): fn) for name in ("subject", "torch")}
+    impls["reference"] = registry.Impl(lambda inputs, fn=call("reference"): fn, paired=False)
     case = registry.Case(op="o", name="c", note="", sizes={"cpu": [1]}, dtypes=(torch.float32,),
                          make=lambda size, dtype, device: None, bytes_moved=lambda size, dtype: 1,
                          impls=impls)

@@ -113,7 +113,7 @@ class BatchNormFunction(torch.autograd.Function):
     def forward(ctx, input, weight, bias, running_mean, running_var, training, momentum, eps,
                 backend=None):
         backend = _backend.select(input.device, backend)
-        if not is_dense(input):
+        if not is_dense(input):  # dense() inline: a call's frame is host time on every call
             input = input.contiguous()
         out, mean, invstd = forward_values(input, weight, bias, running_mean, running_var, training,
                                            momentum, eps, backend)
@@ -242,7 +242,7 @@ def batch_norm(input: torch.Tensor, running_mean: torch.Tensor | None, running_v
     if momentum is None:
         momentum = 1.0 / float(num_batches_tracked) if updates_stats else 0.0
     if not needs_grad(input, weight, bias):
-        if not is_dense(input):
+        if not is_dense(input):  # dense() inline, as in BatchNormFunction.forward
             input = input.contiguous()
         return forward_values(input, weight, bias, running_mean, running_var, bool(training), momentum,
                               eps, _backend.select(input.device, backend))[0]
